@@ -1,0 +1,164 @@
+"""Loading Hugging Face checkpoint folders: config.json plus safetensors weights.
+
+Memory: the model is built on the meta device, materialised empty on the target device
+and filled tensor by tensor from memory-mapped safetensors files, so the host never holds
+a second full copy of the weights (at most one tensor in flight).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ConfigError, ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or does not match its config."""
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """One Hugging Face tensor and the rows of our parameter it fills."""
+
+    hf_name: str
+    param: str
+    row_offset: int = 0  # where the tensor starts along dim 0 of a fused parameter
+
+
+def weight_map(config: ModelConfig) -> list[WeightEntry]:
+    """Explicit map from Hugging Face weight names to ours.
+
+    q/k/v land in row blocks of ``attn.qkv`` ([q; k; v]) and gate/up in ``mlp.gate_up``
+    ([gate; up]); every other tensor maps one to one.
+    """
+    q = config.num_heads * config.head_dim
+    kv = config.num_kv_heads * config.head_dim
+    inter = config.intermediate_size
+    entries = [WeightEntry("model.embed_tokens.weight", "embed.weight"), WeightEntry("model.norm.weight", "norm.weight")]
+    if not config.tie_word_embeddings:
+        entries.append(WeightEntry("lm_head.weight", "lm_head.weight"))
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        entries += [
+            WeightEntry(hf + "input_layernorm.weight", ours + "attn_norm.weight"),
+            WeightEntry(hf + "post_attention_layernorm.weight", ours + "mlp_norm.weight"),
+            WeightEntry(hf + "self_attn.o_proj.weight", ours + "attn.o.weight"),
+            WeightEntry(hf + "mlp.down_proj.weight", ours + "mlp.down.weight"),
+        ]
+        kinds = ["weight"] + ["bias"] * config.qkv_bias
+        for kind in kinds:
+            for proj, off in (("q", 0), ("k", q), ("v", q + kv)):
+                entries.append(WeightEntry(f"{hf}self_attn.{proj}_proj.{kind}", f"{ours}attn.qkv.{kind}", off))
+        for kind in ["weight"] + ["bias"] * config.mlp_bias:
+            entries.append(WeightEntry(f"{hf}mlp.gate_proj.{kind}", f"{ours}mlp.gate_up.{kind}", 0))
+            entries.append(WeightEntry(f"{hf}mlp.up_proj.{kind}", f"{ours}mlp.gate_up.{kind}", inter))
+        if config.mlp_bias:
+            entries.append(WeightEntry(hf + "mlp.down_proj.bias", ours + "mlp.down.bias"))
+        if config.o_bias:
+            entries.append(WeightEntry(hf + "self_attn.o_proj.bias", ours + "attn.o.bias"))
+        if config.qk_norm:
+            entries.append(WeightEntry(hf + "self_attn.q_norm.weight", ours + "attn.q_norm.weight"))
+            entries.append(WeightEntry(hf + "self_attn.k_norm.weight", ours + "attn.k_norm.weight"))
+    return entries
+
+
+# Tensors some published checkpoints carry that the model does not use.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_config(path: str | Path) -> dict:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist or is not a directory")
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json in the checkpoint folder")
+    try:
+        hf = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg}: malformed JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{cfg}: expected a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file that holds it (single file or sharded index)."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e!r}); expected a 'weight_map' object") from None
+        missing = sorted({f for f in mapping.values() if not (folder / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{folder}: shard(s) named in model.safetensors.index.json are missing: {missing}")
+        return {name: folder / f for name, f in mapping.items()}
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise FileNotFoundError(
+        f"{folder}: no weights found; expected model.safetensors or model.safetensors.index.json with its shards"
+    )
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, folder: Path, config: ModelConfig) -> None:
+    """Fill ``model``'s parameters from the safetensors files in ``folder``."""
+    files = weight_files(folder)
+    entries = weight_map(config)
+    missing = [e.hf_name for e in entries if e.hf_name not in files]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{folder}: missing weight(s): {shown}")
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[WeightEntry]] = {}
+    for e in entries:
+        by_file.setdefault(files[e.hf_name], []).append(e)
+    device = next(iter(params.values())).device
+    for path, group in by_file.items():
+        # safetensors memory-maps the file; each get_tensor materialises one tensor.
+        with safe_open(str(path), framework="pt", device=str(device) if device.type == "cuda" else "cpu") as f:
+            for e in group:
+                param = params[e.param]
+                expected = _expected_shape(param, e, config)
+                shape = tuple(f.get_slice(e.hf_name).get_shape())
+                if shape != expected:
+                    raise CheckpointError(
+                        f"{path.name}: weight {e.hf_name} has shape {list(shape)}, expected {list(expected)} from config.json"
+                    )
+                param[e.row_offset : e.row_offset + shape[0]].copy_(f.get_tensor(e.hf_name))
+    used = {e.hf_name for e in entries}
+    unused = [n for n in files if n not in used and not n.endswith(_IGNORED_SUFFIXES)
+              and not (config.tie_word_embeddings and n == "lm_head.weight")]
+    if unused:
+        warnings.warn(f"{folder}: {len(unused)} tensor(s) in the checkpoint are not used by the model: {unused[:8]}")
+
+
+def _expected_shape(param: torch.Tensor, e: WeightEntry, config: ModelConfig) -> tuple[int, ...]:
+    """The HF tensor's shape: the parameter's, with dim 0 cut to this block for fused ones."""
+    if ".qkv." in e.param:
+        rows = config.num_heads * config.head_dim if e.row_offset == 0 else config.num_kv_heads * config.head_dim
+        return (rows, *param.shape[1:])
+    if ".gate_up." in e.param:
+        return (config.intermediate_size, *param.shape[1:])
+    return tuple(param.shape)
+
+
+def stored_dtypes(folder: Path) -> dict[str, int]:
+    """Count of tensors per stored dtype, read from the safetensors headers only."""
+    counts: dict[str, int] = {}
+    for path in sorted(set(weight_files(folder).values())):
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + 1
+    return counts

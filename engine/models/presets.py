@@ -1,0 +1,64 @@
+"""Tiny model presets and random Hugging Face checkpoints for tests, the demo and
+benchmarks (no hub access needed: transformers writes the folder itself)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_BASE = dict(
+    vocab_size=1031, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+)
+
+# One tiny config per family, each exercising what is particular to it.
+TINY = {
+    "llama": dict(_BASE, model_type="llama", rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(_BASE, model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3": dict(_BASE, model_type="qwen3", head_dim=24, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "mistral": dict(_BASE, model_type="mistral", sliding_window=7,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+
+# Shape of Llama 3.2 1B (random weights): the size the GPU benchmarks use.
+LLAMA_1B = dict(
+    model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+    rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)
+
+
+def hf_model(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A transformers causal LM with every parameter random (norm weights near 1, biases
+    nonzero), so no weight can be silently skipped or misplaced in a comparison."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(config)
+    hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.02 if p.dim() > 1 else 0.1)
+    return model.to(dtype).eval()
+
+
+def save_random_checkpoint(folder: str | Path, config: dict | str = "llama", *, seed: int = 0,
+                           dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **overrides) -> Path:
+    """Write a random checkpoint with ``save_pretrained``. ``config`` is a family name
+    from TINY or a full config dict; ``overrides`` change single fields."""
+    base = TINY[config] if isinstance(config, str) else config
+    model = hf_model({**base, **overrides}, seed=seed, dtype=dtype)
+    folder = Path(folder)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return folder

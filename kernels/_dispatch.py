@@ -1,0 +1,45 @@
+"""Backend selection shared by every op: ``impl="auto"`` picks Triton on CUDA tensors
+and the torch reference on CPU tensors (DESIGN.md, "Kernels: contract of one op")."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_impl(op: str, impl: str, x: torch.Tensor, available: tuple[str, ...]) -> str:
+    """Return the backend ``op`` runs on, or raise naming the valid choices.
+
+    ``available`` lists the backends this op has, in order of preference on CUDA.
+    """
+    if impl == "auto":
+        if x.is_cuda:
+            for name in available:
+                if name != "torch" and backend_usable(name):
+                    return name
+        return "torch"
+    if impl not in available:
+        raise ValueError(f"{op}: impl={impl!r} is not one of {('auto',) + available}")
+    if not backend_usable(impl):
+        raise RuntimeError(f"{op}: impl={impl!r} is not usable here ({_why_unusable(impl)})")
+    return impl
+
+
+def backend_usable(name: str) -> bool:
+    return _why_unusable(name) is None
+
+
+def _why_unusable(name: str) -> str | None:
+    if name == "torch":
+        return None
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        return None
+    if name == "flash_attn":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return "the flash_attn package is not installed"
+        return None
+    return f"unknown backend {name!r}"
