@@ -1,8 +1,9 @@
 """Loading Hugging Face checkpoint folders: config.json plus safetensors weights.
 
 Memory: the model is built on the meta device, materialised empty on the target device
-and filled tensor by tensor from memory-mapped safetensors files, so the host never holds
-a second full copy of the weights (at most one tensor in flight).
+and filled tensor by tensor straight from memory-mapped safetensors files: every source
+tensor is a view of the page cache, so the host never holds a second copy of the weights,
+not even one tensor's worth (safetensors' own get_tensor would copy each one first).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .config import ConfigError, ModelConfig
 
@@ -67,6 +67,51 @@ def weight_map(config: ModelConfig) -> list[WeightEntry]:
     return entries
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file whose tensors are zero-copy views."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            self.entries: dict[str, dict] = header
+        except (ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+        self._start = 8 + n
+        # shared=False maps the file copy-on-write: pages are read lazily from the page cache.
+        self._bytes = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        meta = self.entries[name]
+        if meta["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        dtype = _ST_DTYPES[meta["dtype"]]
+        begin, end = meta["data_offsets"]
+        raw = self._bytes[self._start + begin : self._start + end]
+        if (self._start + begin) % dtype.itemsize:
+            raw = raw.clone()  # a misaligned tensor cannot be viewed in place
+        return raw.view(dtype).view(meta["shape"])
+
+
 # Tensors some published checkpoints carry that the model does not use.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -101,8 +146,7 @@ def weight_files(folder: Path) -> dict[str, Path]:
             raise FileNotFoundError(f"{folder}: shard(s) named in model.safetensors.index.json are missing: {missing}")
         return {name: folder / f for name, f in mapping.items()}
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
+        return dict.fromkeys(SafetensorsFile(single).keys(), single)
     raise FileNotFoundError(
         f"{folder}: no weights found; expected model.safetensors or model.safetensors.index.json with its shards"
     )
@@ -121,19 +165,17 @@ def load_weights(model: torch.nn.Module, folder: Path, config: ModelConfig) -> N
     by_file: dict[Path, list[WeightEntry]] = {}
     for e in entries:
         by_file.setdefault(files[e.hf_name], []).append(e)
-    device = next(iter(params.values())).device
     for path, group in by_file.items():
-        # safetensors memory-maps the file; each get_tensor materialises one tensor.
-        with safe_open(str(path), framework="pt", device=str(device) if device.type == "cuda" else "cpu") as f:
-            for e in group:
-                param = params[e.param]
-                expected = _expected_shape(param, e, config)
-                shape = tuple(f.get_slice(e.hf_name).get_shape())
-                if shape != expected:
-                    raise CheckpointError(
-                        f"{path.name}: weight {e.hf_name} has shape {list(shape)}, expected {list(expected)} from config.json"
-                    )
-                param[e.row_offset : e.row_offset + shape[0]].copy_(f.get_tensor(e.hf_name))
+        f = SafetensorsFile(path)
+        for e in group:
+            param = params[e.param]
+            expected = _expected_shape(param, e, config)
+            shape = f.shape(e.hf_name)
+            if shape != expected:
+                raise CheckpointError(
+                    f"{path.name}: weight {e.hf_name} has shape {list(shape)}, expected {list(expected)} from config.json"
+                )
+            param[e.row_offset : e.row_offset + shape[0]].copy_(f.tensor(e.hf_name))
     used = {e.hf_name for e in entries}
     unused = [n for n in files if n not in used and not n.endswith(_IGNORED_SUFFIXES)
               and not (config.tie_word_embeddings and n == "lm_head.weight")]
@@ -155,10 +197,6 @@ def stored_dtypes(folder: Path) -> dict[str, int]:
     """Count of tensors per stored dtype, read from the safetensors headers only."""
     counts: dict[str, int] = {}
     for path in sorted(set(weight_files(folder).values())):
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + 1
+        for meta in SafetensorsFile(path).entries.values():
+            counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + 1
     return counts

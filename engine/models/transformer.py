@@ -41,7 +41,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", config.inv_freq(), persistent=False)
+        # Computed on the CPU, then moved to the default device: on the meta device this
+        # arithmetic would import torch._dynamo (~75 MB of host memory).
+        inv_freq = config.inv_freq(device="cpu").to(torch.empty(0).device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_buffers(self) -> None:
         self.inv_freq = self.config.inv_freq(device=self.inv_freq.device)
@@ -113,7 +116,9 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        # _weight skips the random init: on the meta device normal_() pulls in torch._dynamo.
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size,
+                                  _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.rope = RotaryEmbedding(config)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
