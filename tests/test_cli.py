@@ -1,0 +1,44 @@
+"""The command line and the benchmark scripts (CPU smoke runs)."""
+import json
+import subprocess
+import sys
+
+from engine.__main__ import main
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "engine", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "demo" in out and "inspect" in out
+
+
+def test_inspect(checkpoint, capsys):
+    assert main(["inspect", str(checkpoint("qwen3"))]) == 0
+    out = capsys.readouterr().out
+    assert "qwen3 (Qwen3Config)" in out
+    assert "4 query / 2 key-value, head_dim 24" in out
+    assert "140,128" in out  # parameters of the tiny Qwen3 (tied embeddings)
+    assert "weights in bfloat16" in out and "F32 x24" in out
+
+
+def test_inspect_missing_folder(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo(capsys):
+    assert main(["demo", "--seconds", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "max relative error of the logits" in out and "(ok" in out
+    assert "tokens/s" in out
+
+
+def test_bench_forward_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_forward import main as bench
+
+    rows = bench(["--preset", "tiny", "--tokens", "96"])
+    assert {r["impl"] for r in rows} == {"engine (packed)", "transformers (padded)", "transformers (per document)"}
+    data = json.loads((tmp_path / "forward.json").read_text())
+    assert data["env"]["torch"] and data["meta"]["preset"] == "tiny" and data["rows"]
+    assert (tmp_path / "forward.png").stat().st_size > 1000
