@@ -1,0 +1,158 @@
+"""linear_logprobs / linear_cross_entropy against float64 torch on explicit logits."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from kernels import linear_cross_entropy, linear_logprobs
+
+N, H, V = 37, 24, 3001  # no multiple of any block size
+
+
+def _inputs(dtype=torch.float32, bias=False, n_ignored=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.3).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    t[torch.randperm(N, generator=g)[:n_ignored]] = -100
+    return x, w, b, t
+
+
+def _scores64(x, w, b, softcap, temperature):
+    z = x.double() @ w.double().t()
+    if b is not None:
+        z = z + b.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def _grads(out, inputs, upstream):
+    return torch.autograd.grad(out, [i for i in inputs if i is not None], upstream, allow_unused=True)
+
+
+@pytest.mark.parametrize("bias, softcap, temperature", [(False, None, 1.0), (True, None, 0.7), (True, 3.0, 1.3), (False, 2.0, 1.0)])
+def test_logprobs_lse_entropy(bias, softcap, temperature):
+    x, w, b, t = _inputs(bias=bias)
+    lp, lse, ent = linear_logprobs(x, w, t, bias=b, softcap=softcap, temperature=temperature,
+                                   return_lse=True, return_entropy=True, impl="torch")
+    s = _scores64(x, w, b, softcap, temperature)
+    valid = t != -100
+    logp = torch.log_softmax(s, -1)
+    ref_lp = torch.where(valid, logp.gather(1, t.clamp_min(0)[:, None])[:, 0], 0.0)
+    ref_lse = torch.where(valid, torch.logsumexp(s, -1), 0.0)
+    ref_ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
+    for got, ref in ((lp, ref_lp), (lse, ref_lse), (ent, ref_ent)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # A non-uniform upstream gradient on each output (ignored rows included: they must get none).
+    ups = [torch.randn(N, dtype=torch.float64) for _ in range(3)]
+    got = _grads([lp, lse, ent], [x, w, b], [u.float() for u in ups])
+    ref = _grads([ref_lp, ref_lse, ref_ent], [x, w, b], ups)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-5)
+    assert torch.all(got[0][~valid] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing, z_loss, bias, softcap, temperature", [
+    (0.0, 0.0, False, None, 1.0), (0.1, 0.0, True, None, 1.0), (0.0, 1e-3, False, 5.0, 0.8), (0.2, 1e-2, True, 2.0, 1.5),
+])
+def test_cross_entropy_matches_torch(reduction, label_smoothing, z_loss, bias, softcap, temperature):
+    x, w, b, t = _inputs(bias=bias, seed=1)
+    loss = linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=label_smoothing,
+                                z_loss=z_loss, softcap=softcap, temperature=temperature, impl="torch")
+    s = _scores64(x, w, b, softcap, temperature)
+    ref = F.cross_entropy(s, t, reduction="none", label_smoothing=label_smoothing)
+    valid = t != -100
+    ref = ref + z_loss * torch.where(valid, torch.logsumexp(s, -1), 0.0) ** 2
+    ref = {"none": ref, "sum": ref.sum(), "mean": ref.sum() / valid.sum()}[reduction]
+    assert F.cross_entropy(s, t, reduction=reduction, label_smoothing=label_smoothing).shape == ref.shape
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    up = torch.randn(N, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    got = _grads(loss, [x, w, b], up.float())
+    want = _grads(ref, [x, w, b], up)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_cross_entropy_token_weights():
+    x, w, _, t = _inputs(seed=2)
+    weights = torch.rand(N) + 0.5
+    loss = linear_cross_entropy(x, w, t, weights=weights, impl="torch")
+    s = _scores64(x, w, None, None, 1.0)
+    valid = t != -100
+    ref = (F.cross_entropy(s, t, reduction="none") * weights.double()).sum() / weights.double()[valid].sum()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_low_precision_inputs():
+    for dtype in (torch.bfloat16, torch.float16):
+        x, w, _, t = _inputs(dtype=dtype, seed=3)
+        lp = linear_logprobs(x, w, t, impl="torch")
+        ref = torch.log_softmax(_scores64(x, w, None, None, 1.0), -1).gather(1, t.clamp_min(0)[:, None])[:, 0]
+        torch.testing.assert_close(lp.double(), torch.where(t != -100, ref, 0.0), rtol=1e-5, atol=1e-5)
+        gx, gw = torch.autograd.grad(lp.sum(), (x, w))
+        assert gx.dtype == dtype and gw.dtype == dtype
+
+
+def test_bad_arguments():
+    x, w, _, t = _inputs()
+    with pytest.raises(ValueError, match="same H"):
+        linear_logprobs(x, w[:, :5], t)
+    with pytest.raises(ValueError, match="targets must be int64"):
+        linear_logprobs(x, w, t.int())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        linear_logprobs(x, w, torch.full((N,), V))
+    with pytest.raises(ValueError, match="reduction must be"):
+        linear_cross_entropy(x, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        linear_cross_entropy(x, w, t, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="impl='cuda' is not one of"):
+        linear_logprobs(x, w, t, impl="cuda")
+
+
+def _vocab_parallel_worker(rank, world, port, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, w, b, t = _inputs(bias=True, seed=4)
+        shard = [V // 2, V - V // 2][rank]  # uneven slices
+        start = 0 if rank == 0 else V // 2
+        ws = w.detach()[start:start + shard].clone().requires_grad_()
+        bs = b.detach()[start:start + shard].clone().requires_grad_()
+        xs = x.detach().clone().requires_grad_()
+        lp, lse, ent = linear_logprobs(xs, ws, t, bias=bs, softcap=4.0, return_lse=True, return_entropy=True,
+                                       process_group=dist.group.WORLD, impl="torch")
+        loss = linear_cross_entropy(xs, ws, t, bias=bs, label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
+                                    process_group=dist.group.WORLD, impl="torch")
+        up = torch.randn(N, generator=torch.Generator().manual_seed(9))
+        (loss + (lp * up).sum() + lse.sum() + ent.sum()).backward()
+        result[rank] = dict(lp=lp.detach(), lse=lse.detach(), ent=ent.detach(), loss=loss.detach(),
+                            gx=xs.grad, gw=ws.grad, gb=bs.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_equals_unsharded():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.spawn(_vocab_parallel_worker, args=(2, port, result), nprocs=2, join=True)
+    x, w, b, t = _inputs(bias=True, seed=4)
+    lp, lse, ent = linear_logprobs(x, w, t, bias=b, softcap=4.0, return_lse=True, return_entropy=True, impl="torch")
+    loss = linear_cross_entropy(x, w, t, bias=b, label_smoothing=0.1, z_loss=1e-3, softcap=4.0, impl="torch")
+    up = torch.randn(N, generator=torch.Generator().manual_seed(9))
+    (loss + (lp * up).sum() + lse.sum() + ent.sum()).backward()
+    r0, r1 = result[0], result[1]
+    for key, ref in (("lp", lp), ("lse", lse), ("ent", ent), ("loss", loss), ("gx", x.grad)):
+        for r in (r0, r1):
+            torch.testing.assert_close(r[key], ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r0["gw"], r1["gw"]]), w.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r0["gb"], r1["gb"]]), b.grad, rtol=1e-5, atol=1e-6)
