@@ -86,6 +86,13 @@ def test_missing_shard(tmp_path):
         load_model(folder)
 
 
+def test_truncated_weight_file(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(folder)
+
+
 def test_missing_weight(folder):
     tensors = load_file(folder / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]

@@ -28,6 +28,7 @@ class WeightEntry:
     hf_name: str
     param: str
     row_offset: int = 0  # where the tensor starts along dim 0 of a fused parameter
+    rows: int | None = None  # its length along dim 0 there (None: the whole parameter)
 
 
 def weight_map(config: ModelConfig) -> list[WeightEntry]:
@@ -50,13 +51,12 @@ def weight_map(config: ModelConfig) -> list[WeightEntry]:
             WeightEntry(hf + "self_attn.o_proj.weight", ours + "attn.o.weight"),
             WeightEntry(hf + "mlp.down_proj.weight", ours + "mlp.down.weight"),
         ]
-        kinds = ["weight"] + ["bias"] * config.qkv_bias
-        for kind in kinds:
-            for proj, off in (("q", 0), ("k", q), ("v", q + kv)):
-                entries.append(WeightEntry(f"{hf}self_attn.{proj}_proj.{kind}", f"{ours}attn.qkv.{kind}", off))
+        for kind in ["weight"] + ["bias"] * config.qkv_bias:
+            for proj, off, rows in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+                entries.append(WeightEntry(f"{hf}self_attn.{proj}_proj.{kind}", f"{ours}attn.qkv.{kind}", off, rows))
         for kind in ["weight"] + ["bias"] * config.mlp_bias:
-            entries.append(WeightEntry(f"{hf}mlp.gate_proj.{kind}", f"{ours}mlp.gate_up.{kind}", 0))
-            entries.append(WeightEntry(f"{hf}mlp.up_proj.{kind}", f"{ours}mlp.gate_up.{kind}", inter))
+            entries.append(WeightEntry(f"{hf}mlp.gate_proj.{kind}", f"{ours}mlp.gate_up.{kind}", 0, inter))
+            entries.append(WeightEntry(f"{hf}mlp.up_proj.{kind}", f"{ours}mlp.gate_up.{kind}", inter, inter))
         if config.mlp_bias:
             entries.append(WeightEntry(hf + "mlp.down_proj.bias", ours + "mlp.down.bias"))
         if config.o_bias:
@@ -107,6 +107,8 @@ class SafetensorsFile:
         dtype = _ST_DTYPES[meta["dtype"]]
         begin, end = meta["data_offsets"]
         raw = self._bytes[self._start + begin : self._start + end]
+        if raw.numel() != end - begin:
+            raise CheckpointError(f"{self.path}: file is truncated; tensor {name} runs past its end")
         if (self._start + begin) % dtype.itemsize:
             raw = raw.clone()  # a misaligned tensor cannot be viewed in place
         return raw.view(dtype).view(meta["shape"])
@@ -169,7 +171,7 @@ def load_weights(model: torch.nn.Module, folder: Path, config: ModelConfig) -> N
         f = SafetensorsFile(path)
         for e in group:
             param = params[e.param]
-            expected = _expected_shape(param, e, config)
+            expected = (e.rows or param.shape[0], *param.shape[1:])
             shape = f.shape(e.hf_name)
             if shape != expected:
                 raise CheckpointError(
@@ -181,16 +183,6 @@ def load_weights(model: torch.nn.Module, folder: Path, config: ModelConfig) -> N
               and not (config.tie_word_embeddings and n == "lm_head.weight")]
     if unused:
         warnings.warn(f"{folder}: {len(unused)} tensor(s) in the checkpoint are not used by the model: {unused[:8]}")
-
-
-def _expected_shape(param: torch.Tensor, e: WeightEntry, config: ModelConfig) -> tuple[int, ...]:
-    """The HF tensor's shape: the parameter's, with dim 0 cut to this block for fused ones."""
-    if ".qkv." in e.param:
-        rows = config.num_heads * config.head_dim if e.row_offset == 0 else config.num_kv_heads * config.head_dim
-        return (rows, *param.shape[1:])
-    if ".gate_up." in e.param:
-        return (config.intermediate_size, *param.shape[1:])
-    return tuple(param.shape)
 
 
 def stored_dtypes(folder: Path) -> dict[str, int]:
