@@ -2,6 +2,8 @@
 and the torch reference on CPU tensors (DESIGN.md, "Kernels: contract of one op")."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -20,7 +22,15 @@ def resolve_impl(op: str, impl: str, x: torch.Tensor, available: tuple[str, ...]
         raise ValueError(f"{op}: impl={impl!r} is not one of {('auto',) + available}")
     if not backend_usable(impl):
         raise RuntimeError(f"{op}: impl={impl!r} is not usable here ({_why_unusable(impl)})")
+    if impl == "triton" and not x.is_cuda and not interpreting():
+        raise RuntimeError(f"{op}: impl='triton' on {x.device.type} tensors needs CUDA tensors, or TRITON_INTERPRET=1 "
+                           "set before triton is imported (the Triton interpreter, for tests)")
     return impl
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the interpreter (CPU tensors, for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def backend_usable(name: str) -> bool:

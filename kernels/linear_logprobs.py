@@ -16,12 +16,14 @@ every output and gradient equals the unsharded op.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from ._dispatch import resolve_impl
 
-_BACKENDS = ("torch",)
+_BACKENDS = ("triton", "torch")
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -55,11 +57,41 @@ class _CopyToGroup(torch.autograd.Function):
         return grad, None
 
 
-def vocab_offset(local_vocab: int, group) -> int:
-    """First global token id of this rank's slice (host ints only: one all-gather of sizes)."""
+def vocab_sizes(local_vocab: int, group) -> list[int]:
+    """Vocabulary slice size of every rank (host ints only: one all-gather of sizes)."""
     sizes = [None] * dist.get_world_size(group)
     dist.all_gather_object(sizes, local_vocab, group=group)
-    return sum(sizes[: dist.get_rank(group)])
+    return sizes
+
+
+def vocab_offset(local_vocab: int, group) -> int:
+    """First global token id of this rank's slice."""
+    return sum(vocab_sizes(local_vocab, group)[: dist.get_rank(group)])
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics handed to a token-local loss: float32 [n] tensors, 0 on ignored
+    tokens; ``entropy`` and ``sum`` (sum of the scores over the vocabulary) are None unless
+    asked for; ``valid`` is False on ignored tokens."""
+    logprob: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor | None
+    sum: torch.Tensor | None
+    valid: torch.Tensor
+
+
+def zero_ignored(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def evaluate_loss(loss_fn, stats: TokenStats, aux: dict) -> torch.Tensor:
+    """Per-token float32 loss of ``loss_fn(stats, **aux)``, checked, 0 on ignored tokens."""
+    out = loss_fn(stats, **aux)
+    if not isinstance(out, torch.Tensor) or out.shape != stats.logprob.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"loss_fn must return a per-token loss of shape {tuple(stats.logprob.shape)}, got {got}")
+    return zero_ignored(out.float(), stats.valid)
 
 
 def token_stats_torch(x, weight, targets, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
@@ -128,8 +160,27 @@ def _check(x, weight, targets, bias, temperature, softcap, ignore_index, process
                              f"and not ignore_index={ignore_index}")
 
 
+def _token_stats(backend, x, weight, targets, bias, temperature, softcap, ignore_index, process_group,
+                 want_entropy, want_sum, fp32_weight_grad):
+    """Differentiable per-token statistics from either backend (dict of [N] float32)."""
+    if backend == "torch":
+        return token_stats_torch(x, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                                 ignore_index=ignore_index, process_group=process_group,
+                                 want_entropy=want_entropy, want_sum=want_sum)
+    from .linear_logprobs_triton import ChunkedStats, Options
+    opts = Options(temperature, softcap, ignore_index, want_entropy, want_sum, process_group, fp32_weight_grad)
+    logprob, lse, entropy, ssum = ChunkedStats.apply(x.contiguous(), weight.contiguous(), bias, targets, opts)
+    out = {"logprob": logprob, "lse": lse}
+    if want_entropy:
+        out["entropy"] = entropy
+    if want_sum:
+        out["sum"] = ssum
+    return out
+
+
 def linear_logprobs(x, weight, targets, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
-                    return_lse=False, return_entropy=False, process_group=None, impl="auto"):
+                    return_lse=False, return_entropy=False, process_group=None, fp32_weight_grad=False,
+                    impl="auto"):
     """Log-probability of each target token without materialising the logits.
 
     Args:
@@ -140,24 +191,99 @@ def linear_logprobs(x, weight, targets, *, bias=None, temperature=1.0, softcap=N
         temperature, softcap: the scores are ``softcap(x @ weight.T + bias) / temperature``.
         return_lse, return_entropy: also return lse [N] and entropy [N], float32.
         process_group: vocabulary-parallel group (see the module docstring).
-        impl: "auto" or "torch".
+        fp32_weight_grad: accumulate the weight gradient in float32 (Triton backend; see
+            kernels/linear_logprobs_triton.py for the default precision).
+        impl: "auto" (Triton on CUDA tensors, else torch), "triton" or "torch".
 
     Returns:
         logprobs [N] float32 (0 for ignored tokens), followed by lse and entropy when asked
         (also 0 for ignored tokens). Differentiable in x, weight and bias for any upstream
-        gradient on each output; ignored tokens get no gradient.
+        gradient on each output; ignored tokens get no gradient. The Triton backend keeps
+        only [N] statistics in the forward and recomputes the logits chunk by chunk in the
+        backward; for a loss known up front, ``linear_token_loss`` saves that second pass.
     """
     _check(x, weight, targets, bias, temperature, softcap, ignore_index, process_group)
-    resolve_impl("linear_logprobs", impl, x, _BACKENDS)
-    stats = token_stats_torch(x, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-                              ignore_index=ignore_index, process_group=process_group, want_entropy=return_entropy)
+    backend = resolve_impl("linear_logprobs", impl, x, _BACKENDS)
+    stats = _token_stats(backend, x, weight, targets, bias, temperature, softcap, ignore_index, process_group,
+                         return_entropy, False, fp32_weight_grad)
     outs = [stats["logprob"]] + [stats["lse"]] * return_lse + [stats.get("entropy")] * return_entropy
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+def linear_token_loss(x, weight, targets, loss_fn, *, aux=None, bias=None, temperature=1.0, softcap=None,
+                      ignore_index=-100, with_entropy=False, with_sum=False, return_stats=False,
+                      process_group=None, fp32_weight_grad=False, impl="auto"):
+    """Sum over tokens of a token-local loss of the per-token statistics, in one pass over
+    the vocabulary for forward and backward together.
+
+    ``loss_fn(stats, **aux)`` receives a :class:`TokenStats` (logprob, lse, and entropy /
+    sum when ``with_entropy`` / ``with_sum``) and the rows of each ``aux`` tensor, and returns
+    the per-token loss of those rows. It must be token-local: the loss of a token may depend
+    only on that token's statistics and aux values (every Tinker loss is: cross_entropy,
+    importance_sampling, ppo, cispo, dro), because the Triton backend calls it on chunks of
+    rows and forms each chunk's gradient as soon as its statistics are known. Normalisation
+    over the batch goes in an aux tensor (e.g. per-token weights already divided by the
+    token count). Example, PPO's clipped objective::
+
+        def ppo(s, old_logprobs, advantages):
+            ratio = torch.exp(s.logprob - old_logprobs)
+            return -torch.minimum(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
+
+        loss = linear_token_loss(h, lm_head, targets, ppo, aux=dict(old_logprobs=old, advantages=adv))
+
+    Args:
+        x, weight, targets, bias, temperature, softcap, ignore_index, process_group,
+        fp32_weight_grad, impl: as in :func:`linear_logprobs`.
+        aux: dict of [N] tensors passed to ``loss_fn`` by name; constants (no gradient).
+        return_stats: also return a dict of detached [N] float32 tensors "logprob", "lse",
+            "loss" (per token) and "entropy" when asked, for metrics.
+
+    Returns:
+        The float32 scalar sum of the per-token losses over non-ignored tokens, differentiable
+        in x, weight and bias (under the Triton backend the gradients are computed in the
+        forward when any of them requires grad, and the backward only scales them).
+    """
+    _check(x, weight, targets, bias, temperature, softcap, ignore_index, process_group)
+    aux = dict(aux or {})
+    for name, t in aux.items():
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (x.shape[0],) or t.device != x.device:
+            got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"aux[{name!r}] must be a [N={x.shape[0]}] tensor on {x.device}, got {got}")
+    aux = {name: t.detach() for name, t in aux.items()}
+    backend = resolve_impl("linear_token_loss", impl, x, _BACKENDS)
+    if backend == "torch":
+        st = token_stats_torch(x, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                               ignore_index=ignore_index, process_group=process_group,
+                               want_entropy=with_entropy, want_sum=with_sum)
+        stats = TokenStats(st["logprob"], st["lse"], st.get("entropy"), st.get("sum"), targets != ignore_index)
+        per_token = evaluate_loss(loss_fn, stats, aux)
+        total = per_token.sum()
+        record = {"logprob": stats.logprob, "lse": stats.lse, "loss": per_token}
+        if with_entropy:
+            record["entropy"] = stats.entropy
+        record = {name: t.detach() for name, t in record.items()}
+    else:
+        from .linear_logprobs_triton import FusedTokenLoss, Options
+        opts = Options(temperature, softcap, ignore_index, with_entropy, with_sum, process_group, fp32_weight_grad)
+        total, *values = FusedTokenLoss.apply(x.contiguous(), weight.contiguous(), bias, targets, loss_fn,
+                                              tuple(aux), opts, *aux.values())
+        record = dict(zip(("logprob", "lse", "loss", "entropy"), values))
+    return (total, record) if return_stats else total
+
+
+def _cross_entropy_loss(stats, weights=None, *, label_smoothing, z_loss, vocab):
+    loss = -stats.logprob
+    if label_smoothing > 0:
+        # -(1/V) sum_j log p_j = lse - sum_j s_j / V  (0 on ignored rows, where both are 0)
+        loss = (1 - label_smoothing) * loss + label_smoothing * (stats.lse - stats.sum / vocab)
+    if z_loss:
+        loss = loss + z_loss * stats.lse**2
+    return loss if weights is None else loss * weights
+
+
 def linear_cross_entropy(x, weight, targets, *, bias=None, weights=None, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0, return_lse=False,
-                         process_group=None, impl="auto"):
+                         process_group=None, fp32_weight_grad=False, impl="auto"):
     """Cross-entropy of ``softcap(x @ weight.T + bias) / temperature`` against ``targets``,
     equal in value and gradients to ``F.cross_entropy`` on those logits (same
     ``ignore_index``, ``label_smoothing`` and ``reduction``), plus ``z_loss * lse**2`` per
@@ -170,32 +296,37 @@ def linear_cross_entropy(x, weight, targets, *, bias=None, weights=None, ignore_
         reduction: "mean", "sum" or "none" ([N] float32, 0 for ignored tokens).
         label_smoothing: in [0, 1), mixes the uniform distribution into the target.
         z_loss: coefficient of the lse**2 penalty.
-        return_lse: also return lse [N] float32.
+        return_lse: also return lse [N] float32. With "mean" and "sum" it is for logging
+            and carries no gradient (the loss is computed in one pass, see
+            :func:`linear_token_loss`); with "none" it is differentiable.
+        fp32_weight_grad, impl: as in :func:`linear_logprobs`.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    if weights is not None and tuple(weights.shape) != (x.shape[0],):
-        raise ValueError(f"weights must be [N={x.shape[0]}], got {tuple(weights.shape)}")
+    if weights is not None and (tuple(weights.shape) != (x.shape[0],) or weights.device != x.device):
+        raise ValueError(f"weights must be [N={x.shape[0]}] on {x.device}, got {tuple(weights.shape)} on {weights.device}")
     _check(x, weight, targets, bias, temperature, softcap, ignore_index, process_group)
-    resolve_impl("linear_cross_entropy", impl, x, _BACKENDS)
-    stats = token_stats_torch(x, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-                              ignore_index=ignore_index, process_group=process_group, want_sum=label_smoothing > 0)
-    loss = -stats["logprob"]
-    if label_smoothing > 0:
-        vocab = weight.shape[0] * (dist.get_world_size(process_group) if process_group is not None else 1)
-        # -(1/V) sum_j log p_j = lse - sum_j s_j / V  (0 on ignored rows, where both are 0)
-        uniform = stats["lse"] - stats["sum"] / vocab
-        loss = (1 - label_smoothing) * loss + label_smoothing * uniform
-    if z_loss:
-        loss = loss + z_loss * stats["lse"] ** 2
+    backend = resolve_impl("linear_cross_entropy", impl, x, _BACKENDS)
+    vocab = sum(vocab_sizes(weight.shape[0], process_group)) if process_group is not None else weight.shape[0]
+    options = dict(label_smoothing=label_smoothing, z_loss=z_loss, vocab=vocab)
+    common = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                  process_group=process_group, fp32_weight_grad=fp32_weight_grad)
+    if reduction == "none":
+        st = _token_stats(backend, x, weight, targets, bias, temperature, softcap, ignore_index, process_group,
+                          False, label_smoothing > 0, fp32_weight_grad)
+        stats = TokenStats(st["logprob"], st["lse"], None, st.get("sum"), targets != ignore_index)
+        loss = _cross_entropy_loss(stats, None if weights is None else weights.float(), **options)
+        return (loss, stats.lse) if return_lse else loss
     valid = targets != ignore_index
-    if weights is not None:
-        loss = loss * weights.float()
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "mean":
-        denom = weights.float()[valid].sum() if weights is not None else valid.sum()
-        loss = loss.sum() / denom
-    return (loss, stats["lse"]) if return_lse else loss
+    per_token = weights.float().detach() if weights is not None else torch.ones(x.shape[0], device=x.device)
+    if reduction == "mean":
+        per_token = per_token / zero_ignored(per_token, valid).sum()
+
+    def loss_fn(stats, w):
+        return _cross_entropy_loss(stats, w, **options)
+
+    loss, record = linear_token_loss(x, weight, targets, loss_fn, aux={"w": per_token}, with_sum=label_smoothing > 0,
+                                     return_stats=True, impl=backend, **common)
+    return (loss, record["lse"]) if return_lse else loss

@@ -8,9 +8,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from kernels import linear_cross_entropy, linear_logprobs
+import kernels.linear_logprobs_triton as lce_triton
+from kernels import TokenStats, linear_cross_entropy, linear_logprobs, linear_token_loss
 
 N, H, V = 37, 24, 3001  # no multiple of any block size
+IMPLS = ["torch", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Force several row chunks (16 + 16 + 5 rows) and poison every buffer the Triton
+    backend allocates, so a row or tile the kernels forget to write shows up as NaN."""
+    monkeypatch.setattr(lce_triton, "CHUNK_BUDGET", 1e-6)
+    monkeypatch.setattr(lce_triton, "MIN_CHUNK_ROWS", 16)
+    monkeypatch.setattr(lce_triton, "POISON", True)
 
 
 def _inputs(dtype=torch.float32, bias=False, n_ignored=5, seed=0):
@@ -36,11 +47,12 @@ def _grads(out, inputs, upstream):
     return torch.autograd.grad(out, [i for i in inputs if i is not None], upstream, allow_unused=True)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bias, softcap, temperature", [(False, None, 1.0), (True, None, 0.7), (True, 3.0, 1.3), (False, 2.0, 1.0)])
-def test_logprobs_lse_entropy(bias, softcap, temperature):
+def test_logprobs_lse_entropy(bias, softcap, temperature, impl):
     x, w, b, t = _inputs(bias=bias)
     lp, lse, ent = linear_logprobs(x, w, t, bias=b, softcap=softcap, temperature=temperature,
-                                   return_lse=True, return_entropy=True, impl="torch")
+                                   return_lse=True, return_entropy=True, impl=impl)
     s = _scores64(x, w, b, softcap, temperature)
     valid = t != -100
     logp = torch.log_softmax(s, -1)
@@ -59,14 +71,15 @@ def test_logprobs_lse_entropy(bias, softcap, temperature):
     assert torch.all(got[0][~valid] == 0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing, z_loss, bias, softcap, temperature", [
     (0.0, 0.0, False, None, 1.0), (0.1, 0.0, True, None, 1.0), (0.0, 1e-3, False, 5.0, 0.8), (0.2, 1e-2, True, 2.0, 1.5),
 ])
-def test_cross_entropy_matches_torch(reduction, label_smoothing, z_loss, bias, softcap, temperature):
+def test_cross_entropy_matches_torch(reduction, label_smoothing, z_loss, bias, softcap, temperature, impl):
     x, w, b, t = _inputs(bias=bias, seed=1)
     loss = linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=label_smoothing,
-                                z_loss=z_loss, softcap=softcap, temperature=temperature, impl="torch")
+                                z_loss=z_loss, softcap=softcap, temperature=temperature, impl=impl)
     s = _scores64(x, w, b, softcap, temperature)
     ref = F.cross_entropy(s, t, reduction="none", label_smoothing=label_smoothing)
     valid = t != -100
@@ -81,24 +94,94 @@ def test_cross_entropy_matches_torch(reduction, label_smoothing, z_loss, bias, s
         torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-6)
 
 
-def test_cross_entropy_token_weights():
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_token_weights(reduction, impl):
     x, w, _, t = _inputs(seed=2)
     weights = torch.rand(N) + 0.5
-    loss = linear_cross_entropy(x, w, t, weights=weights, impl="torch")
+    loss = linear_cross_entropy(x, w, t, weights=weights, reduction=reduction, impl=impl)
     s = _scores64(x, w, None, None, 1.0)
     valid = t != -100
-    ref = (F.cross_entropy(s, t, reduction="none") * weights.double()).sum() / weights.double()[valid].sum()
+    ref = F.cross_entropy(s, t, reduction="none") * weights.double()
+    if reduction == "mean":
+        ref = ref.sum() / weights.double()[valid].sum()
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    up = torch.randn(N, dtype=torch.float64) if reduction == "none" else torch.tensor(0.6, dtype=torch.float64)
+    for g, r in zip(_grads(loss, [x, w], up.float()), _grads(ref, [x, w], up)):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-6)
 
 
-def test_low_precision_inputs():
-    for dtype in (torch.bfloat16, torch.float16):
-        x, w, _, t = _inputs(dtype=dtype, seed=3)
-        lp = linear_logprobs(x, w, t, impl="torch")
-        ref = torch.log_softmax(_scores64(x, w, None, None, 1.0), -1).gather(1, t.clamp_min(0)[:, None])[:, 0]
-        torch.testing.assert_close(lp.double(), torch.where(t != -100, ref, 0.0), rtol=1e-5, atol=1e-5)
-        gx, gw = torch.autograd.grad(lp.sum(), (x, w))
-        assert gx.dtype == dtype and gw.dtype == dtype
+def _ppo_entropy(stats, old, adv):
+    """A token-local loss that uses logprob, lse and entropy: clipped PPO plus an entropy
+    bonus plus a small z-loss."""
+    ratio = torch.exp(stats.logprob - old)
+    clipped = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    return clipped - 0.01 * stats.entropy + 1e-3 * stats.lse**2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bias, softcap, temperature", [(False, None, 1.0), (True, 3.0, 0.8)])
+def test_token_loss_one_pass(bias, softcap, temperature, impl):
+    x, w, b, t = _inputs(bias=bias, seed=5)
+    valid = t != -100
+    s = _scores64(x, w, b, softcap, temperature)
+    logp = torch.log_softmax(s, -1)
+    ref_lp = logp.gather(1, t.clamp_min(0)[:, None])[:, 0]
+    old = (ref_lp.detach() + 0.3 * torch.randn(N, dtype=torch.float64)).float()
+    adv = torch.randn(N)
+    ref_stats = TokenStats(ref_lp, torch.logsumexp(s, -1), -(logp.exp() * logp).sum(-1), None, valid)
+    ref = torch.where(valid, _ppo_entropy(ref_stats, old.double(), adv.double()), 0.0).sum()
+    loss, rec = linear_token_loss(x, w, t, _ppo_entropy, aux=dict(old=old, adv=adv), bias=b, softcap=softcap,
+                                  temperature=temperature, with_entropy=True, return_stats=True, impl=impl)
+    assert loss.shape == () and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rec["logprob"].double(), torch.where(valid, ref_lp, 0.0), rtol=1e-5, atol=1e-5)
+    assert not rec["loss"].requires_grad and torch.all(rec["loss"][~valid] == 0)
+    up = torch.tensor(1.7, dtype=torch.float64)  # the backward scales by a non-unit upstream gradient
+    for g, r in zip(_grads(loss, [x, w, b], up.float()), _grads(ref, [x, w, b], up)):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_and_frozen_weight(impl):
+    x, w, _, t = _inputs(seed=6)
+    with torch.no_grad():
+        value = linear_cross_entropy(x, w, t, impl=impl)
+    frozen = w.detach()
+    loss = linear_cross_entropy(x, frozen, t, impl=impl)
+    torch.testing.assert_close(loss, value)
+    (gx,) = torch.autograd.grad(loss, (x,))
+    ref = F.cross_entropy(x.double() @ frozen.double().t(), t)
+    torch.testing.assert_close(gx.double(), torch.autograd.grad(ref, (x,))[0].double(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype, impl):
+    x, w, _, t = _inputs(dtype=dtype, seed=3)
+    lp = linear_logprobs(x, w, t, impl=impl)
+    ref = torch.log_softmax(_scores64(x, w, None, None, 1.0), -1).gather(1, t.clamp_min(0)[:, None])[:, 0]
+    # The Triton backend rounds the logits to the input dtype, as torch's own matmul does.
+    tol = 1e-5 if impl == "torch" else 5e-2
+    torch.testing.assert_close(lp.double(), torch.where(t != -100, ref, 0.0), rtol=tol, atol=tol)
+    gx, gw = torch.autograd.grad(lp.sum(), (x, w))
+    assert gx.dtype == dtype and gw.dtype == dtype
+
+
+def test_fp32_weight_grad_accumulation():
+    """bf16 inputs: accumulating dW in float32 across the row chunks is at least as close to
+    the float64 gradient as the default (one bf16 rounding per chunk)."""
+    x, w, _, t = _inputs(dtype=torch.bfloat16, seed=7)
+    ref = F.cross_entropy(x.double() @ w.double().t(), t, reduction="sum")
+    (ref_gw,) = torch.autograd.grad(ref, (w,))
+    errors = {}
+    for fp32 in (False, True):
+        loss = linear_cross_entropy(x, w, t, reduction="sum", fp32_weight_grad=fp32, impl="triton")
+        (gw,) = torch.autograd.grad(loss, (w,))
+        assert gw.dtype == torch.bfloat16
+        errors[fp32] = (gw.double() - ref_gw).abs().max().item()
+    assert errors[True] <= errors[False] * 1.01, errors
+    assert errors[True] < 2e-2 * ref_gw.abs().max().item(), errors
 
 
 def test_bad_arguments():
@@ -115,9 +198,20 @@ def test_bad_arguments():
         linear_cross_entropy(x, w, t, label_smoothing=1.0)
     with pytest.raises(ValueError, match="impl='cuda' is not one of"):
         linear_logprobs(x, w, t, impl="cuda")
+    with pytest.raises(ValueError, match=r"aux\['adv'\] must be a \[N=37\] tensor"):
+        linear_token_loss(x, w, t, lambda s, adv: -s.logprob * adv, aux={"adv": torch.ones(N + 1)})
+    with pytest.raises(ValueError, match="loss_fn must return a per-token loss"):
+        linear_token_loss(x, w, t, lambda s: s.logprob.sum())
 
 
-def _vocab_parallel_worker(rank, world, port, result):
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    x, w, _, t = _inputs()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+        linear_logprobs(x, w, t, impl="triton")
+
+
+def _vocab_parallel_worker(rank, world, port, impl, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -128,9 +222,9 @@ def _vocab_parallel_worker(rank, world, port, result):
         bs = b.detach()[start:start + shard].clone().requires_grad_()
         xs = x.detach().clone().requires_grad_()
         lp, lse, ent = linear_logprobs(xs, ws, t, bias=bs, softcap=4.0, return_lse=True, return_entropy=True,
-                                       process_group=dist.group.WORLD, impl="torch")
+                                       process_group=dist.group.WORLD, impl=impl)
         loss = linear_cross_entropy(xs, ws, t, bias=bs, label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
-                                    process_group=dist.group.WORLD, impl="torch")
+                                    process_group=dist.group.WORLD, impl=impl)
         up = torch.randn(N, generator=torch.Generator().manual_seed(9))
         (loss + (lp * up).sum() + lse.sum() + ent.sum()).backward()
         result[rank] = dict(lp=lp.detach(), lse=lse.detach(), ent=ent.detach(), loss=loss.detach(),
@@ -139,12 +233,13 @@ def _vocab_parallel_worker(rank, world, port, result):
         dist.destroy_process_group()
 
 
-def test_vocab_parallel_equals_unsharded():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocab_parallel_equals_unsharded(impl):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = mp.Manager().dict()
-    mp.spawn(_vocab_parallel_worker, args=(2, port, result), nprocs=2, join=True)
+    mp.spawn(_vocab_parallel_worker, args=(2, port, impl, result), nprocs=2, join=True)
     x, w, b, t = _inputs(bias=True, seed=4)
     lp, lse, ent = linear_logprobs(x, w, t, bias=b, softcap=4.0, return_lse=True, return_entropy=True, impl="torch")
     loss = linear_cross_entropy(x, w, t, bias=b, label_smoothing=0.1, z_loss=1e-3, softcap=4.0, impl="torch")
