@@ -33,7 +33,7 @@ import triton.language as tl
 from ._dispatch import interpreting
 from .linear_logprobs import TokenStats, evaluate_loss, vocab_sizes, zero_ignored
 
-CHUNK_BUDGET = 0.25  # chunk logits buffer <= this fraction of the bytes of dx + dW
+CHUNK_BUDGET = 0.2  # chunk logits buffer <= this fraction of the bytes of dx + dW
 MIN_CHUNK_ROWS = 128
 POISON = False  # tests: fill every buffer with NaN before the kernels write it
 
@@ -197,7 +197,7 @@ class _Problem:
         _stats_kernel[(c,)](z, z.stride(0), bias, self.targets[start:end], self.v, self.vocab_start,
                             self.inv_temp, self.softcap, row_max, sumexp, pick, ssum, psum,
                             WANT_SUM=opts.want_sum, WANT_PSUM=opts.want_entropy, BLOCK_V=self.block_v,
-                            **self._flags())
+                            num_warps=8, **self._flags())
         group = opts.process_group
         if group is not None:
             local_max = row_max.clone()
@@ -225,7 +225,8 @@ class _Problem:
         grid = (end - start, triton.cdiv(self.v, self.block_v))
         _grad_kernel[grid](z, z.stride(0), bias, self.targets[start:end], self.v, self.vocab_start, self.inv_temp,
                            self.softcap, lse, a, k, c if c is not None else a, d if d is not None else a,
-                           HAS_ENTROPY=c is not None, HAS_SUM=d is not None, BLOCK_V=self.block_v, **self._flags())
+                           HAS_ENTROPY=c is not None, HAS_SUM=d is not None, BLOCK_V=self.block_v, num_warps=8,
+                           **self._flags())
 
     def new_grads(self, need_x, need_w, need_b):
         w_dtype = torch.float32 if self.opts.fp32_weight_grad else self.weight.dtype
