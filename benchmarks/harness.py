@@ -101,16 +101,16 @@ def results_dir() -> Path:
 
 
 def save(op: str, rows: list[dict], *, x: str, y: str, series: str, title: str, ylabel: str,
-         meta: dict | None = None) -> Path:
+         meta: dict | None = None, plot_rows: list[dict] | None = None) -> Path:
     """Write ``<op>.json`` (environment, meta, rows) and ``<op>.png`` (``y`` against ``x``,
-    one line per distinct ``series``); returns the JSON path."""
+    one line per distinct ``series``, over ``plot_rows`` if given); returns the JSON path."""
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{op}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"op": op, "env": environment(), "meta": meta or {}, "rows": rows}, indent=1))
     tmp.replace(path)
-    _plot(out / f"{op}.png", rows, x=x, y=y, series=series, title=f"{title}\n{device_name()}", ylabel=ylabel)
+    _plot(out / f"{op}.png", plot_rows or rows, x=x, y=y, series=series, title=f"{title}\n{device_name()}", ylabel=ylabel)
     return path
 
 
