@@ -8,8 +8,11 @@
 # split the steps over calls when everything does not fit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+# Logs and results are written to a work folder and packed into $OUT/gpu_results.tgz at the
+# end (the device tool returns at most 8 files); unpack it under benchmarks/results/.
+FINAL=${OUT:-$PWD/gpu-out}
+OUT=$(mktemp -d /tmp/gpu-check.XXXX)
+mkdir -p "$FINAL"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -35,4 +38,5 @@ for step in "${steps[@]}"; do
         *) echo "unknown step $step (tests, demo, host, bench_<op>)"; status=1 ;;
     esac
 done
+tar -czf "$FINAL/gpu_results.tgz" -C "$OUT" . && echo "results: $FINAL/gpu_results.tgz"
 exit $status
