@@ -22,39 +22,9 @@ import torch
 import torch.distributed as dist
 
 from ._dispatch import resolve_impl
+from .collectives import copy_to_group, sum_over_group
 
 _BACKENDS = ("triton", "torch")
-
-
-class _SumOverGroup(torch.autograd.Function):
-    """All-reduce (sum) whose backward is the identity: every rank then computes the same
-    loss from the same reduced value, so each rank's share gets the gradient as is."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _CopyToGroup(torch.autograd.Function):
-    """Identity whose backward sums the gradient over the ranks (x is replicated, each rank
-    only sees the part of dx that comes from its vocabulary slice)."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
 
 
 def vocab_sizes(local_vocab: int, group) -> list[int]:
@@ -100,7 +70,7 @@ def token_stats_torch(x, weight, targets, *, bias=None, temperature=1.0, softcap
     of the scores over the vocabulary. Ignored rows are 0 in every output, with no gradient."""
     group = process_group
     if group is not None:
-        x = _CopyToGroup.apply(x, group)
+        x = copy_to_group(x, group)
     scores = x.float() @ weight.float().t()
     if bias is not None:
         scores = scores + bias.float()
@@ -114,7 +84,7 @@ def token_stats_torch(x, weight, targets, *, bias=None, temperature=1.0, softcap
     picked = scores.gather(1, torch.where(mine, local, 0)[:, None])[:, 0] * mine
 
     def reduce(t):
-        return t if group is None else _SumOverGroup.apply(t, group)
+        return t if group is None else sum_over_group(t, group)
 
     row_max = scores.detach().amax(dim=1)
     if group is not None:

@@ -29,6 +29,9 @@ class WeightEntry:
     param: str
     row_offset: int = 0  # where the tensor starts along dim 0 of a fused parameter
     rows: int | None = None  # its length along dim 0 there (None: the whole parameter)
+    # Tensor parallelism: (dim, start, length, full) reads only [start, start + length) of
+    # the stored tensor along ``dim``, whose full size there is ``full``.
+    shard: tuple[int, int, int, int] | None = None
 
 
 def weight_map(config: ModelConfig) -> list[WeightEntry]:
@@ -155,10 +158,12 @@ def weight_files(folder: Path) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, folder: Path, config: ModelConfig) -> None:
-    """Fill ``model``'s parameters from the safetensors files in ``folder``."""
+def load_weights(model: torch.nn.Module, folder: Path, config: ModelConfig,
+                 entries: list[WeightEntry] | None = None) -> None:
+    """Fill ``model``'s parameters from the safetensors files in ``folder`` (``entries``
+    defaults to ``weight_map(config)``; a tensor-parallel rank passes its sharded map)."""
     files = weight_files(folder)
-    entries = weight_map(config)
+    entries = weight_map(config) if entries is None else entries
     missing = [e.hf_name for e in entries if e.hf_name not in files]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -171,13 +176,18 @@ def load_weights(model: torch.nn.Module, folder: Path, config: ModelConfig) -> N
         f = SafetensorsFile(path)
         for e in group:
             param = params[e.param]
-            expected = (e.rows or param.shape[0], *param.shape[1:])
+            expected = [e.rows or param.shape[0], *param.shape[1:]]
+            if e.shard is not None:
+                expected[e.shard[0]] = e.shard[3]
             shape = f.shape(e.hf_name)
-            if shape != expected:
+            if shape != tuple(expected):
                 raise CheckpointError(
-                    f"{path.name}: weight {e.hf_name} has shape {list(shape)}, expected {list(expected)} from config.json"
+                    f"{path.name}: weight {e.hf_name} has shape {list(shape)}, expected {expected} from config.json"
                 )
-            param[e.row_offset : e.row_offset + shape[0]].copy_(f.tensor(e.hf_name))
+            src = f.tensor(e.hf_name)
+            if e.shard is not None:  # a view: only this slice's pages are read
+                src = src.narrow(e.shard[0], e.shard[1], e.shard[2])
+            param[e.row_offset : e.row_offset + src.shape[0]].copy_(src)
     used = {e.hf_name for e in entries}
     unused = [n for n in files if n not in used and not n.endswith(_IGNORED_SUFFIXES)
               and not (config.tie_word_embeddings and n == "lm_head.weight")]

@@ -1,0 +1,179 @@
+"""Megatron-style tensor parallelism of the packed decoder.
+
+A rank of a group of ``tp`` holds:
+  * column-parallel ``attn.qkv`` and ``mlp.gate_up``: its rows of q, k, v (whole heads) and
+    of gate, up, each block in the same order as the unsharded fused parameter, so the model
+    code splits them exactly as it does at tp=1. Their input is replicated; its gradient is
+    summed over the ranks (``copy_to_group``).
+  * row-parallel ``attn.o`` and ``mlp.down``: its columns; the partial outputs are summed
+    over the ranks (``sum_over_group``) and the bias, replicated, is added once after.
+  * a vocabulary-parallel embedding (its contiguous slice of token ids; other ids give zeros
+    and the slices are summed) and LM head (its slice of rows), which feeds
+    ``kernels.linear_logprobs(..., process_group=model.tp_group)``: no rank ever holds
+    full-vocabulary logits.
+  * everything else replicated. Replicated parameters whose gradient comes from rank-local
+    work only (Qwen3's q/k norms act on the local heads) get their gradient summed over the
+    ranks by a hook, so every replica takes the same optimizer step.
+
+The model code (``transformer.py``) does not branch on tp: local head counts come from the
+shapes. The sharded projections only get a different ``forward`` installed on the instance,
+so parameter names are those of the unsharded model.
+
+Constraints: tp must divide the query heads, the key/value heads and the FFN size. Fewer
+key/value heads than ranks (replicating KV heads) is not supported and is rejected; the
+vocabulary may split unevenly (the first ``V % tp`` ranks get one id more).
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.collectives import copy_to_group, sum_over_group
+
+from ..models import build_model, load_config
+from ..models.checkpoint import WeightEntry, load_weights, weight_map
+from ..models.config import ConfigError, ModelConfig
+from ..models.transformer import Transformer
+
+COLUMN = ("attn.qkv", "mlp.gate_up")
+ROW = ("attn.o", "mlp.down")
+PARTIAL_GRAD = ("attn.q_norm.weight", "attn.k_norm.weight")
+
+
+def check_tp(config: ModelConfig, tp: int) -> None:
+    """Raise ConfigError when ``tp`` cannot split this model."""
+    if not isinstance(tp, int) or tp < 1:
+        raise ConfigError(f"tp must be a positive int, got {tp!r}")
+    for what, n in (("num_attention_heads", config.num_heads), ("num_key_value_heads", config.num_kv_heads),
+                    ("intermediate_size", config.intermediate_size)):
+        if n % tp:
+            hint = " (replicating key/value heads over more ranks than there are is not supported)" \
+                if what == "num_key_value_heads" else ""
+            raise ConfigError(f"tp={tp} does not divide {what}={n}{hint}")
+
+
+def vocab_slice(vocab: int, tp: int, rank: int) -> tuple[int, int]:
+    """(start, size) of ``rank``'s contiguous slice of the vocabulary."""
+    base, extra = divmod(vocab, tp)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
+def local_config(config: ModelConfig, tp: int) -> ModelConfig:
+    """The config one rank's layers are built from (vocab_size stays global)."""
+    check_tp(config, tp)
+    return dataclasses.replace(config, num_heads=config.num_heads // tp, num_kv_heads=config.num_kv_heads // tp,
+                               intermediate_size=config.intermediate_size // tp)
+
+
+def shard_entries(config: ModelConfig, tp: int, rank: int) -> list[WeightEntry]:
+    """The weight map of one rank: which slice of each stored tensor fills which rows."""
+    out = []
+    v_start, v_size = vocab_slice(config.vocab_size, tp, rank)
+    for e in weight_map(config):
+        module = e.param.rsplit(".", 1)[0].split(".", 2)[-1]  # "layers.3.attn.qkv.weight" -> "attn.qkv"
+        if e.param in ("embed.weight", "lm_head.weight"):
+            e = dataclasses.replace(e, shard=(0, v_start, v_size, config.vocab_size))
+        elif module in COLUMN:
+            rows = e.rows // tp
+            e = dataclasses.replace(e, row_offset=e.row_offset // tp, rows=rows, shard=(0, rank * rows, rows, e.rows))
+        elif module in ROW and e.param.endswith(".weight"):
+            full = config.num_heads * config.head_dim if module == "attn.o" else config.intermediate_size
+            e = dataclasses.replace(e, shard=(1, rank * full // tp, full // tp, full))
+        out.append(e)
+    return out
+
+
+def _column_forward(module, forward, group, x):
+    return forward(copy_to_group(x, group))
+
+
+def _row_forward(module, group, x):
+    out = sum_over_group(F.linear(x, module.weight), group)
+    return out if module.bias is None else out + module.bias
+
+
+def _embedding_forward(module, group, start, ids):
+    local = ids - start
+    outside = (local < 0) | (local >= module.num_embeddings)
+    out = F.embedding(local.masked_fill(outside, 0), module.weight)
+    return sum_over_group(out.masked_fill(outside[:, None], 0), group)
+
+
+def _sum_grad(group, grad):
+    grad = grad.clone()
+    dist.all_reduce(grad, group=group)
+    return grad
+
+
+def build_tp_model(config: ModelConfig, group, *, dtype=torch.float32, device=None) -> Transformer:
+    """An uninitialised model holding this rank's shard (``group=None``: the plain model)."""
+    if group is None:
+        return build_model(config, dtype=dtype, device=device)
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = local_config(config, tp)
+    v_start, v_size = vocab_slice(config.vocab_size, tp, rank)
+    with torch.device("meta"):
+        model = Transformer(local)
+        model.embed = nn.Embedding(v_size, config.hidden_size, _weight=torch.empty(v_size, config.hidden_size))
+        if model.lm_head is not None:
+            model.lm_head = nn.Linear(config.hidden_size, v_size, bias=False)
+    model.config = config  # the global config: vocab checks, attention scale and RoPE are unchanged
+    model = model.to(dtype).to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
+    model.reset_buffers()
+    model.tp_group, model.vocab_start = group, v_start
+    model.embed.forward = partial(_embedding_forward, model.embed, group, v_start)
+    for name, module in model.named_modules():
+        suffix = name.split(".", 2)[-1]
+        if suffix in COLUMN:
+            module.forward = partial(_column_forward, module, module.forward, group)
+        elif suffix in ROW:
+            module.forward = partial(_row_forward, module, group)
+    for name, param in model.named_parameters():
+        if name.split(".", 2)[-1] in PARTIAL_GRAD:
+            param.register_hook(partial(_sum_grad, group))
+    return model
+
+
+def load_tp_model(path: str | Path, group=None, *, dtype: torch.dtype | None = None, device=None) -> Transformer:
+    """Load this rank's shard of a Hugging Face checkpoint; each rank reads only its slices
+    of the memory-mapped safetensors files. ``group=None`` is ``engine.models.load_model``."""
+    folder = Path(path)
+    config = load_config(folder)
+    model = build_tp_model(config, group, dtype=dtype or config.dtype or torch.float32, device=device)
+    entries = None if group is None else shard_entries(config, dist.get_world_size(group), dist.get_rank(group))
+    load_weights(model, folder, config, entries)
+    return model.eval()
+
+
+@torch.no_grad()
+def full_state(model: Transformer, *, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Hugging Face name -> the unsharded tensor (or its gradient), gathered from every rank
+    of ``model.tp_group``; on one rank it is just the model's weights under HF names."""
+    group = getattr(model, "tp_group", None)
+    config = model.config
+    tp, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+    params = dict(model.named_parameters())
+    out = {}
+    for e in (shard_entries(config, tp, rank) if group is not None else weight_map(config)):
+        param = params[e.param]
+        t = param.grad if grads else param
+        if t is None:
+            continue
+        t = t.narrow(0, e.row_offset, e.rows) if e.rows is not None else t
+        if e.shard is not None:
+            dim = e.shard[0]
+            sizes = [vocab_slice(e.shard[3], tp, r)[1] for r in range(tp)] if e.param in ("embed.weight", "lm_head.weight") \
+                else [e.shard[2]] * tp
+            pad = max(sizes) - t.shape[dim]
+            padded = F.pad(t, (0, 0, 0, pad) if dim == 0 else (0, pad)) if pad else t.contiguous()
+            parts = [torch.empty_like(padded) for _ in range(tp)]
+            dist.all_gather(parts, padded, group=group)
+            t = torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+        out[e.hf_name] = t.detach().clone()
+    return out

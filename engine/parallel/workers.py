@@ -1,0 +1,183 @@
+"""One worker process per tensor-parallel rank, driven from the caller's process.
+
+``WorkerPool(tp, setup, *args)`` starts ``tp`` processes (torch.multiprocessing, spawn),
+each of which joins a torch.distributed group (NCCL on GPUs, gloo on CPUs, collectives
+with a timeout) and runs ``state = setup(ctx, *args)``. ``pool.run(fn, *args)`` then runs
+``fn(state, *args)`` on every rank and returns the results in rank order. ``fn`` and
+``setup`` must be picklable (module-level functions).
+
+The same setup code runs unchanged under ``torchrun``: call ``init_distributed()`` in each
+rank, then ``setup(ctx, ...)`` yourself.
+
+Failures: a worker that raises reports the exception with its rank and traceback; a worker
+that dies is noticed by polling its exit code. Either way ``run`` raises ``WorkerError``
+naming the rank at once, and the pool shuts down (the other ranks may be blocked in a
+collective the failed rank never joined), terminating and joining every process: no
+orphans, and the rendezvous port is released.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class WorkerError(RuntimeError):
+    """A tensor-parallel worker raised or died; the message names the rank."""
+
+
+@dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    group: object  # the torch.distributed group of the tensor-parallel ranks
+    device: torch.device
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> RankContext:
+    """Join the default process group from torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT) unless already initialised; pick this rank's device."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return RankContext(rank, world, dist.group.WORLD, device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, timeout_s, conn, setup, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        ctx = init_distributed(timeout_s)
+        state = setup(ctx, *args)
+        conn.send(("ok", None))
+    except BaseException as e:  # noqa: BLE001 - reported to the caller, then exit
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            break
+        if msg is None:
+            break
+        fn, fargs = msg
+        try:
+            conn.send(("ok", fn(state, *fargs)))
+        except BaseException as e:  # noqa: BLE001
+            conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class WorkerPool:
+    """``tp`` worker processes sharing one torch.distributed group."""
+
+    def __init__(self, tp: int, setup, *args, timeout_s: float = DEFAULT_TIMEOUT_S):
+        if not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tp must be a positive int, got {tp!r}")
+        if torch.cuda.is_available() and torch.cuda.device_count() < tp:
+            raise ValueError(f"tp={tp} needs {tp} GPUs, this machine has {torch.cuda.device_count()}")
+        self.tp, self.timeout_s = tp, timeout_s
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self._conns, self._procs = [], []
+        for rank in range(tp):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(rank, tp, port, timeout_s, child, setup, args), daemon=True,
+                               name=f"engine-tp-rank{rank}")
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self._collect(timeout_s + 60)  # setup results (model loading)
+
+    def run(self, fn, *args, timeout_s: float | None = None) -> list:
+        """``fn(state, *args)`` on every rank; results in rank order."""
+        if not self._procs:
+            raise WorkerError("the worker pool is closed")
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send((fn, args))
+            except (BrokenPipeError, OSError):
+                self._fail(f"rank {rank} is gone (exit code {self._procs[rank].exitcode})")
+        return self._collect(timeout_s or self.timeout_s)
+
+    def _collect(self, timeout_s: float) -> list:
+        results, pending = [None] * self.tp, set(range(self.tp))
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for rank in sorted(pending):
+                conn, proc = self._conns[rank], self._procs[rank]
+                if conn.poll():
+                    try:
+                        status, value = conn.recv()
+                    except EOFError:
+                        self._fail(f"rank {rank} died (exit code {proc.exitcode})")
+                    if status == "error":
+                        self._fail(f"rank {rank} raised {value}")
+                    results[rank] = value
+                    pending.discard(rank)
+                elif not proc.is_alive():
+                    self._fail(f"rank {rank} died (exit code {proc.exitcode})")
+            if pending and time.monotonic() > deadline:
+                self._fail(f"rank(s) {sorted(pending)} did not answer within {timeout_s:.0f} s")
+            if pending:
+                time.sleep(0.005)
+        return results
+
+    def _fail(self, message: str):
+        self.close(force=True)
+        raise WorkerError(message)
+
+    def close(self, force: bool = False) -> None:
+        """Stop every worker (politely unless ``force``) and wait for them to exit."""
+        for conn in self._conns:
+            try:
+                if not force:
+                    conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=0 if force else 10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        self._conns, self._procs = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_procs", None):
+            self.close(force=True)

@@ -1,0 +1,141 @@
+"""Tensor parallelism on CPU (gloo): TP=2 against TP=1 on the tiny model of every family,
+and the worker pool's failure handling."""
+import multiprocessing
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from engine.models import PackedBatch, load_config, load_model
+from engine.models.config import ConfigError
+from engine.parallel import WorkerError, WorkerPool, check_tp, full_state, load_tp_model, shard_entries
+from kernels import linear_cross_entropy, linear_logprobs
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+LENGTHS = (11, 1, 19, 6)
+STEPS = 5
+
+
+def _batch(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, vocab, (n + 1,), generator=g).tolist() for n in LENGTHS]
+    batch = PackedBatch.from_sequences([s[:-1] for s in seqs], vocab_size=vocab)
+    targets = torch.tensor([t for s in seqs for t in s[1:]])
+    targets[3] = -100
+    return batch, targets
+
+
+def _loss(model, batch, targets):
+    group = getattr(model, "tp_group", None)
+    hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+    lp, lse = linear_logprobs(hidden, model.lm_head_weight, targets, return_lse=True, process_group=group)
+    loss = linear_cross_entropy(hidden, model.lm_head_weight, targets, reduction="sum", z_loss=1e-3,
+                                process_group=group)
+    return hidden, lp, lse, loss
+
+
+def _check_and_train(model, batch, targets):
+    """Forward/backward once (outputs and gathered gradients), then STEPS AdamW steps."""
+    model.train()
+    hidden, lp, lse, loss = _loss(model, batch, targets)
+    (loss + (lp * torch.linspace(-1, 1, len(lp))).sum()).backward()
+    grads = full_state(model, grads=True)
+    first = dict(hidden=hidden.detach(), lp=lp.detach(), lse=lse.detach(), loss=loss.detach(), grads=grads)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    curve = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = _loss(model, batch, targets)[3]
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+    return first, curve
+
+
+def _setup(ctx, folder):
+    return load_tp_model(folder, ctx.group)
+
+
+def _run_step(model, vocab):
+    first, curve = _check_and_train(model, *_batch(vocab))
+    return first, curve, dist.get_rank()
+
+
+@pytest.mark.parametrize("family, overrides", [(f, {}) for f in FAMILIES] + [
+    ("llama", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),  # row-parallel biases
+])
+def test_tp2_equals_tp1(checkpoint, family, overrides):
+    folder = checkpoint(family, **overrides)
+    vocab = load_config(folder).vocab_size
+    ref_first, ref_curve = _check_and_train(load_model(folder), *_batch(vocab))
+    with WorkerPool(2, _setup, folder) as pool:
+        results = pool.run(_run_step, vocab)
+    assert [r[2] for r in results] == [0, 1]
+    for first, curve, _ in results:
+        for key in ("hidden", "lp", "lse", "loss"):
+            torch.testing.assert_close(first[key], ref_first[key], rtol=1e-5, atol=1e-5)
+        assert first["grads"].keys() == ref_first["grads"].keys()
+        for name, ref in ref_first["grads"].items():
+            got = first["grads"][name]
+            err = ((got - ref).norm() / ref.norm()).item()
+            assert err < 1e-5, f"{family} {name}: relative error {err:.2e}"
+        torch.testing.assert_close(torch.tensor(curve), torch.tensor(ref_curve), rtol=1e-4, atol=1e-4)
+    assert ref_curve[-1] < ref_curve[0]
+
+
+def test_shard_map_covers_every_weight_once(checkpoint):
+    """The slices of the two ranks tile each stored tensor exactly."""
+    config = load_config(checkpoint("qwen2"))
+    for e0, e1 in zip(shard_entries(config, 2, 0), shard_entries(config, 2, 1)):
+        assert e0.hf_name == e1.hf_name
+        if e0.shard is not None:
+            dim, start0, len0, full = e0.shard
+            assert start0 == 0 and e1.shard[1] == len0 and len0 + e1.shard[2] == full
+
+
+def test_tp_that_does_not_divide(checkpoint):
+    config = load_config(checkpoint("llama"))  # 4 query heads, 2 KV heads, FFN 96
+    with pytest.raises(ConfigError, match="tp=4 does not divide num_key_value_heads=2"):
+        check_tp(config, 4)
+    with pytest.raises(ConfigError, match="tp=3 does not divide num_attention_heads=4"):
+        check_tp(config, 3)
+
+
+def _fail_on_rank1(model):
+    if dist.get_rank() == 1:
+        raise RuntimeError("injected failure")
+    t = torch.ones(1)
+    dist.all_reduce(t)  # rank 0 waits in a collective rank 1 never joins
+    return t
+
+
+def _die_on_rank0(model):
+    if dist.get_rank() == 0:
+        os._exit(3)
+    dist.barrier()
+
+
+def _noop_setup(ctx):
+    return None
+
+
+def _assert_no_children():
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("fn, match", [(_fail_on_rank1, "rank 1 raised RuntimeError: injected failure"),
+                                       (_die_on_rank0, r"rank 0 died \(exit code 3\)")])
+def test_worker_failure_surfaces_quickly(fn, match):
+    pool = WorkerPool(2, _noop_setup, timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=match):
+        pool.run(fn)
+    assert time.monotonic() - start < 30
+    _assert_no_children()
+    with pytest.raises(WorkerError, match="closed"):
+        pool.run(_fail_on_rank1)
