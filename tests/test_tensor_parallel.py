@@ -55,7 +55,8 @@ def _check_and_train(model, batch, targets):
 
 
 def _setup(ctx, folder):
-    return load_tp_model(folder, ctx.group)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return load_tp_model(folder, ctx.group, device=ctx.device)
 
 
 def _run_step(model, vocab):
@@ -139,3 +140,44 @@ def test_worker_failure_surfaces_quickly(fn, match):
     _assert_no_children()
     with pytest.raises(WorkerError, match="closed"):
         pool.run(_fail_on_rank1)
+
+
+def test_same_code_under_torchrun(checkpoint, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = checkpoint("qwen3")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "result.pt"
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    from engine.parallel.workers import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(root / "tests" / "torchrun_tp_script.py"), str(folder), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(out)
+    ref = _loss(load_model(folder), *_batch(load_config(folder).vocab_size))[3]
+    assert result["world"] == 2
+    torch.testing.assert_close(result["loss"], ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_worker_pool_tp1_on_gpu(checkpoint):
+    """TP=1 from a worker process (NCCL, one rank) runs the same code as in-process on the GPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    folder = checkpoint("qwen3")
+    vocab = load_config(folder).vocab_size
+    batch, targets = _batch(vocab)
+    ref_first, ref_curve = _check_and_train(load_model(folder, device="cuda"), batch.to("cuda"), targets.cuda())
+    with WorkerPool(1, _setup, folder) as pool:
+        (first, curve, rank), = pool.run(_run_step_cuda, vocab)
+    torch.testing.assert_close(first["loss"].cpu(), ref_first["loss"].cpu(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(curve), torch.tensor(ref_curve), rtol=1e-4, atol=1e-4)
+
+
+def _run_step_cuda(model, vocab):
+    batch, targets = _batch(vocab)
+    first, curve = _check_and_train(model, batch.to("cuda"), targets.cuda())
+    return {k: v for k, v in first.items() if k == "loss"}, curve, dist.get_rank()

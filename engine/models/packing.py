@@ -52,6 +52,10 @@ class PackedBatch:
             seq_lens=lens,
         )
 
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.cu_seqlens.to(device),
+                           self.max_seqlen, self.seq_lens)
+
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
