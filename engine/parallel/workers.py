@@ -31,6 +31,9 @@ import torch.multiprocessing as mp
 DEFAULT_TIMEOUT_S = 120.0
 
 
+_PENDING = object()
+
+
 class WorkerError(RuntimeError):
     """A tensor-parallel worker raised or died; the message names the rank."""
 
@@ -126,27 +129,51 @@ class WorkerPool:
         return self._collect(timeout_s or self.timeout_s)
 
     def _collect(self, timeout_s: float) -> list:
-        results, pending = [None] * self.tp, set(range(self.tp))
+        results, pending = [_PENDING] * self.tp, set(range(self.tp))
+        failures: dict[int, str] = {}
         deadline = time.monotonic() + timeout_s
         while pending:
             for rank in sorted(pending):
-                conn, proc = self._conns[rank], self._procs[rank]
-                if conn.poll():
-                    try:
-                        status, value = conn.recv()
-                    except EOFError:
-                        self._fail(f"rank {rank} died (exit code {proc.exitcode})")
-                    if status == "error":
-                        self._fail(f"rank {rank} raised {value}")
-                    results[rank] = value
+                failure = self._poll(rank, results)
+                if failure is not None:
+                    failures[rank] = failure
+                if failure is not None or results[rank] is not _PENDING:
                     pending.discard(rank)
-                elif not proc.is_alive():
-                    self._fail(f"rank {rank} died (exit code {proc.exitcode})")
+            if failures:
+                # A rank that died makes its peers' collectives fail a moment later: give the
+                # others a short while to report, then name every failure, deaths first.
+                grace = time.monotonic() + 1.0
+                while pending and time.monotonic() < grace:
+                    for rank in sorted(pending):
+                        failure = self._poll(rank, results)
+                        if failure is not None:
+                            failures[rank] = failure
+                            pending.discard(rank)
+                    time.sleep(0.01)
+                ordered = sorted(failures.items(), key=lambda kv: (" died " not in kv[1], kv[0]))
+                self._fail("; ".join(f"rank {rank} {what}" for rank, what in ordered))
             if pending and time.monotonic() > deadline:
                 self._fail(f"rank(s) {sorted(pending)} did not answer within {timeout_s:.0f} s")
             if pending:
                 time.sleep(0.005)
         return results
+
+    def _poll(self, rank: int, results: list) -> str | None:
+        """Store rank's answer in results if it came; return a failure description, if any."""
+        conn, proc = self._conns[rank], self._procs[rank]
+        if conn.poll():
+            try:
+                status, value = conn.recv()
+            except EOFError:
+                proc.join(timeout=1)
+                return f"died (exit code {proc.exitcode})"
+            if status == "error":
+                return f"raised {value}"
+            results[rank] = value
+            return None
+        if not proc.is_alive():
+            return f"died (exit code {proc.exitcode})"
+        return None
 
     def _fail(self, message: str):
         self.close(force=True)
