@@ -1,17 +1,57 @@
 """Token-packed (varlen) attention.
 
 Sequences are concatenated along the token axis with no padding; ``cu_seqlens`` holds
-their boundaries. This module holds the public op and its torch reference backend
-(``impl="torch"``, one scaled-dot-product attention per sequence with an explicit mask).
-The Triton kernels of the attention issue plug in behind the same signature.
-"""
-from __future__ import annotations
+their boundaries. Backends behind one signature:
 
+- ``"triton"``: FlashAttention-2 style kernels in ``varlen_attention_triton.py``. Forward: one program per
+  (sequence, query head, block of BLOCK_M queries), online softmax in float32 over blocks
+  of BLOCK_N keys, key blocks wholly outside the causal/window band skipped, and the mask
+  only evaluated on blocks that cut the band. Backward: ``delta = rowsum(dO * O)``, then a
+  dK/dV kernel (one program per key block and key/value head, looping over the query
+  blocks of every query head of its GQA group) and a dQ kernel (one program per query
+  block and head, looping over key blocks). No atomics, so gradients are deterministic;
+  the price is recomputing ``Q K^T`` and ``dO V^T`` in both kernels (7 block matmuls per
+  tile instead of 5).
+- ``"flash_attn"``: ``flash_attn.flash_attn_varlen_func`` when that package is installed.
+- ``"torch"``: the reference, one attention per sequence with an explicit mask.
+
+``impl="auto"`` takes Triton on CUDA (it covers every feature and dtype the model uses;
+flash_attn is picked only when asked for, until the benchmark says it should lead) and the
+reference on CPU.
+"""
 import torch
 
 from ._dispatch import resolve_impl
+from .varlen_attention_triton import _TRITON_DTYPES, VarlenAttentionFunction
 
-_BACKENDS = ("torch",)
+_BACKENDS = ("triton", "flash_attn", "torch")
+
+
+# ---------------------------------------------------------------------------------------
+# Other backends
+
+
+def varlen_attention_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
+                                softmax_scale, window, softcap, return_lse):
+    """``flash_attn.flash_attn_varlen_func`` with this op's conventions: window w becomes
+    window_size=(w - 1, 0) (causal) or (w - 1, -1); lse of a query that sees no key is
+    mapped from flash-attn's +inf to -inf. Caveat: flash-attn leaves rows past
+    cu_seqlens_q[-1] unwritten (this op's other backends zero them)."""
+    from flash_attn import flash_attn_varlen_func
+
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"varlen_attention: impl='flash_attn' needs float16 or bfloat16 q/k/v, got {q.dtype}")
+    window_size = (-1, -1) if window is None else (window - 1, 0 if causal else -1)
+    res = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                 softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                 softcap=softcap or 0.0, return_attn_probs=return_lse)
+    if not return_lse:
+        return res, None
+    out, lse = res[0], res[1].detach()
+    if lse.dim() != 2:  # older flash-attn releases returned a padded [B, Hq, max_seqlen_q] lse
+        raise RuntimeError(f"varlen_attention: this flash_attn returns lse of shape {tuple(lse.shape)}, not [Hq, T]; "
+                           "upgrade flash_attn or use impl='triton' for return_lse=True")
+    return out, lse.masked_fill(lse == float("inf"), float("-inf"))
 
 
 def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, softcap):
@@ -30,6 +70,8 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ValueError(f"varlen_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"varlen_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
             raise ValueError(f"varlen_attention: {name} must be a 1-D int32 tensor [B+1], got {cu.dtype} {tuple(cu.shape)}")
@@ -126,31 +168,47 @@ def varlen_attention(
     """Attention over a packed batch of sequences.
 
     Args:
-        q: [T, Hq, D] queries of all sequences, concatenated.
-        k, v: [Tk, Hkv, D] keys and values; Hq must be a multiple of Hkv (GQA/MQA:
-            query head h reads key/value head ``h // (Hq // Hkv)``).
+        q: [T, Hq, D] queries of all sequences, concatenated (float16, bfloat16 or float32
+            for Triton; any floating dtype for the torch reference).
+        k, v: [Tk, Hkv, D] keys and values in q's dtype; Hq must be a multiple of Hkv
+            (GQA/MQA: query head h reads key/value head ``h // (Hq // Hkv)``).
         cu_seqlens_q, cu_seqlens_k: [B+1] int32 cumulative sequence lengths on q's device.
             Passing the same tensor for both is the usual training call.
-        max_seqlen_q, max_seqlen_k: host ints, at least the longest sequence.
+        max_seqlen_q, max_seqlen_k: host ints, at least the longest sequence (the Triton
+            grid is sized from them; rows of a longer sequence would be left unwritten).
         causal: causal mask, aligned bottom-right when a sequence has more keys than
             queries (prefill on top of a cached prefix).
         softmax_scale: defaults to ``D ** -0.5``.
         window: sliding window; a query attends to at most the last ``window`` keys up to
             its own position.
         softcap: scores become ``softcap * tanh(scores / softcap)`` before the softmax.
-        return_lse: also return the log-sum-exp of the scores, [Hq, T] float32.
-        impl: "auto" (Triton on CUDA when available, else torch) or "torch".
+        return_lse: also return the log-sum-exp of the scores, [Hq, T] float32. It carries
+            no gradient: backward flows through ``out`` only.
+        impl: "auto" (Triton on CUDA for float16/bfloat16/float32, else torch), "triton",
+            "flash_attn" (needs the flash_attn package) or "torch".
 
     Returns:
         out [T, Hq, D] in q's dtype (and lse [Hq, T] float32 if requested). A query that
-        sees no key gets a zero output and lse -inf.
+        sees no key gets a zero output and lse -inf; rows past cu_seqlens_q[-1] are zero
+        (lse -inf) for every backend except flash_attn, which leaves them unwritten.
     """
     _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, softcap)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     backend = resolve_impl("varlen_attention", impl, q, _BACKENDS)
-    assert backend == "torch"
-    out, lse = varlen_attention_torch(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap
-    )
+    if impl == "auto" and backend == "triton" and q.dtype not in _TRITON_DTYPES:
+        backend = "torch"
+    opts = dict(causal=causal, softmax_scale=float(softmax_scale), window=window,
+                softcap=None if softcap is None else float(softcap))
+    if backend == "triton":
+        if q.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"varlen_attention: impl='triton' supports q/k/v in {_TRITON_DTYPES}, got {q.dtype}")
+        out, lse = VarlenAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                 causal, opts["softmax_scale"], window, opts["softcap"])
+    elif backend == "flash_attn":
+        out, lse = varlen_attention_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               return_lse=return_lse, **opts)
+    else:
+        out, lse = varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, **opts)
     return (out, lse) if return_lse else out
+

@@ -42,3 +42,20 @@ def test_bench_forward_smoke(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "forward.json").read_text())
     assert data["env"]["torch"] and data["meta"]["preset"] == "tiny" and data["rows"]
     assert (tmp_path / "forward.png").stat().st_size > 1000
+
+
+def test_bench_attention_smoke(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_attention import main as bench
+
+    rows = bench(["--smoke"])
+    assert {(r["impl"], r["mode"]) for r in rows if r["bench"] == "varlen"} >= {
+        ("engine", "fwd"), ("engine", "fwd+bwd"), ("sdpa per sequence", "fwd+bwd")}
+    assert {r["impl"] for r in rows if r["bench"] == "decode"} >= {"engine", "torch gather + sdpa"}
+    assert "flash_attn: skipped" in capsys.readouterr().out or any(r["impl"] == "flash_attn" for r in rows)
+    for op in ("attention", "attention_decode"):
+        data = json.loads((tmp_path / f"{op}.json").read_text())
+        assert data["env"]["torch"] and data["rows"] and data["meta"]["Hq"] == 2
+        assert (tmp_path / f"{op}.png").stat().st_size > 1000
+

@@ -1,5 +1,7 @@
 """The varlen attention reference against a dense float64 computation over the whole packed
 batch with an explicit block-diagonal mask (a second, independent formulation)."""
+import importlib
+
 import pytest
 import torch
 
@@ -95,3 +97,171 @@ def test_bad_arguments():
         varlen_attention(q, q, q, cu, cu, 6, 6, impl="cuda")
     with pytest.raises(ValueError, match="head_dim of q"):
         varlen_attention(q, torch.randn(6, 4, 4), torch.randn(6, 4, 4), cu, cu, 6, 6)
+
+
+# ---------------------------------------------------------------------------------------
+# The Triton backend (under the interpreter on CPU), float32 against the float64 truth.
+
+TRITON_CASES = CASES + [
+    # a window wider than two 16-blocks: mask-free key blocks inside the band, fwd and bwd
+    ([70, 5], None, 2, 1, 16, True, 40, None),
+    # head_dim 64, a cached prefix, softcap and GQA 2:1
+    ([33, 7], [40, 7], 4, 2, 64, True, None, 2.0),
+    # empty sequences between others, and head_dim 128 non-causal
+    ([3, 0, 18], [3, 0, 18], 2, 2, 128, False, None, None),
+]
+
+
+def _random_problem(lens_q, lens_k, hq, hkv, d, tail=0, dtype=torch.float32):
+    tq, tk = sum(lens_q) + tail, sum(lens_k) + tail
+    q = torch.randn(tq, hq, d, dtype=dtype, requires_grad=True)
+    k = torch.randn(tk, hkv, d, dtype=dtype, requires_grad=True)
+    v = torch.randn(tk, hkv, d, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+@pytest.mark.parametrize("lens_q, lens_k, hq, hkv, d, causal, window, softcap", TRITON_CASES)
+def test_triton_matches_dense(lens_q, lens_k, hq, hkv, d, causal, window, softcap):
+    lens_k = lens_k or lens_q
+    q, k, v = _random_problem(lens_q, lens_k, hq, hkv, d)
+    scale = 0.7 / d**0.5
+    out, lse = varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), causal=causal,
+                                softmax_scale=scale, window=window, softcap=softcap, return_lse=True, impl="triton")
+    ref_out, ref_lse = dense_reference(q, k, v, lens_q, lens_k, causal=causal, window=window, softcap=softcap, scale=scale)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32 and lse.shape == (hq, sum(lens_q))
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-4)  # -inf where a query sees no key
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref_out, (q, k, v), grad.double())
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+def test_triton_writes_every_row():
+    """The launchers write into NaN-poisoned buffers: every row of every sequence is
+    written (including queries that see no key) and the rows past cu_seqlens[-1] are zero."""
+    from kernels.varlen_attention_triton import varlen_attention_bwd, varlen_attention_fwd
+
+    lens_q, lens_k, tail = [4, 19, 1], [2, 19, 6], 5  # sequence 0: two queries see no key
+    q, k, v = _random_problem(lens_q, lens_k, 4, 2, 24, tail=tail)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    opts = dict(causal=True, softmax_scale=0.3, window=None, softcap=None)
+    nan = float("nan")
+    out, lse = torch.full_like(q, nan), torch.full((4, q.shape[0]), nan)
+    varlen_attention_fwd(q.detach(), k.detach(), v.detach(), cu_q, cu_k, max(lens_q), out=out, lse=lse, **opts)
+    ref_out, ref_lse = dense_reference(q[:-tail], k[:-tail], v[:-tail], lens_q, lens_k, causal=True, window=None,
+                                       softcap=None, scale=0.3)
+    torch.testing.assert_close(out[:-tail].double(), ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse[:, :-tail].double(), ref_lse, rtol=1e-4, atol=1e-4)
+    assert torch.all(out[-tail:] == 0) and torch.all(lse[:, -tail:] == float("-inf"))
+
+    dout = torch.randn_like(out)
+    dq, dk, dv = (torch.full_like(t, nan) for t in (q, k, v))
+    varlen_attention_bwd(dout, q.detach(), k.detach(), v.detach(), out, lse, cu_q, cu_k, max(lens_q), max(lens_k),
+                         dq=dq, dk=dk, dv=dv, **opts)
+    want = torch.autograd.grad(ref_out, (q, k, v), dout[:-tail].double())
+    for name, g, w in zip("qkv", (dq, dk, dv), want):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+        assert torch.all(g[-tail:] == 0)
+
+
+def test_triton_tokens_beyond_cu_seqlens():
+    q, k, v = _random_problem([3, 4], [3, 4], 2, 2, 8, tail=3)
+    cu = _cu([3, 4])
+    out, lse = varlen_attention(q, k, v, cu, cu, 4, 4, return_lse=True, impl="triton")
+    assert torch.all(out[7:] == 0) and torch.all(lse[:, 7:] == float("-inf"))
+    assert torch.all(out[:7] != 0)
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu, cu, 4, 4, impl="torch"), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.all(t.grad[7:] == 0) and torch.all(torch.isfinite(t.grad))
+
+
+def test_triton_empty_batches():
+    q, k, v = _random_problem([], [], 2, 1, 16, tail=4)  # no sequence at all: every row is tail
+    cu = _cu([])
+    out, lse = varlen_attention(q, k, v, cu, cu, 0, 0, return_lse=True, impl="triton")
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    out.sum().backward()
+    assert all(torch.all(t.grad == 0) for t in (q, k, v))
+    q, k, v = _random_problem([], [], 2, 1, 16)
+    out = varlen_attention(q, k, v, cu, cu, 0, 0, impl="triton")
+    assert out.shape == (0, 2, 16)
+
+
+def test_triton_lse_is_not_differentiable():
+    q, k, v = _random_problem([5], [5], 2, 1, 16)
+    cu = _cu([5])
+    out, lse = varlen_attention(q, k, v, cu, cu, 5, 5, return_lse=True, impl="triton")
+    assert out.requires_grad and not lse.requires_grad
+
+
+def test_triton_backend_errors(monkeypatch):
+    va = importlib.import_module("kernels.varlen_attention_triton")
+
+    q = torch.randn(6, 2, 8, dtype=torch.float64)
+    cu = _cu([6])
+    with pytest.raises(ValueError, match="impl='triton' supports"):
+        varlen_attention(q, q, q, cu, cu, 6, 6, impl="triton")
+    monkeypatch.setattr(va, "triton_interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        va.varlen_attention_fwd(q.float(), q.float(), q.float(), cu, cu, 6, causal=True, softmax_scale=1.0,
+                                window=None, softcap=None)
+
+
+def test_flash_attn_backend_missing():
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        q, cu = torch.randn(6, 2, 8), _cu([6])
+        with pytest.raises(RuntimeError, match="flash_attn package is not installed"):
+            varlen_attention(q, q, q, cu, cu, 6, 6, impl="flash_attn")
+    else:
+        pytest.skip("flash_attn is installed; tests/test_gpu_attention.py covers it")
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)])
+def test_triton_unequal_tiles(monkeypatch, tiles):
+    """The GPU configurations use BLOCK_M != BLOCK_N; the block-range arithmetic must not
+    assume square tiles."""
+    va = importlib.import_module("kernels.varlen_attention_triton")
+    block_m, block_n = tiles
+    monkeypatch.setattr(va, "_config", lambda *a: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1, num_stages=1))
+    lens_q, lens_k, window = [70, 5, 33], [75, 5, 40], 37
+    q, k, v = _random_problem(lens_q, lens_k, 2, 1, 16)
+    for causal, win in ((True, window), (True, None), (False, window)):
+        out = varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), causal=causal,
+                               softmax_scale=0.25, window=win, impl="triton")
+        ref = dense_reference(q, k, v, lens_q, lens_k, causal=causal, window=win, softcap=None, scale=0.25)[0]
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        want = torch.autograd.grad(ref, (q, k, v), grad.double())
+        for name, g, w in zip("qkv", got, want):
+            torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+def test_flash_attn_backend_argument_mapping(monkeypatch):
+    """With a stand-in flash_attn module: window/softcap/lse are translated to its API."""
+    import sys
+    import types
+
+    calls = []
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        calls.append(kw)
+        lse = torch.full((q.shape[1], q.shape[0]), float("inf"))  # flash-attn's value for "no key"
+        return (torch.zeros_like(q), lse, None) if kw["return_attn_probs"] else torch.zeros_like(q)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=fake))
+    q, cu = torch.randn(6, 2, 8, dtype=torch.bfloat16), _cu([6])
+    out, lse = varlen_attention(q, q, q, cu, cu, 6, 6, window=3, softcap=2.0, return_lse=True, impl="flash_attn")
+    assert calls[-1]["window_size"] == (2, 0) and calls[-1]["softcap"] == 2.0 and calls[-1]["causal"]
+    assert torch.all(lse == float("-inf"))
+    varlen_attention(q, q, q, cu, cu, 6, 6, causal=False, window=4, impl="flash_attn")
+    assert calls[-1]["window_size"] == (3, -1) and calls[-1]["softcap"] == 0.0
+    varlen_attention(q, q, q, cu, cu, 6, 6, impl="flash_attn")
+    assert calls[-1]["window_size"] == (-1, -1)
+    with pytest.raises(ValueError, match="needs float16 or bfloat16"):
+        varlen_attention(q.float(), q.float(), q.float(), cu, cu, 6, 6, impl="flash_attn")
