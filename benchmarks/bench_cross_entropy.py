@@ -75,11 +75,12 @@ def inputs(n, h, v, device, dtype, seed=0):
 
 
 def measure(name, fn, n, h, v, device, dtype, shape_name) -> dict:
-    x, w, t = inputs(n, h, v, device, dtype)
-    grads_bytes = (x.numel() + w.numel()) * x.element_size()
+    data = list(inputs(n, h, v, device, dtype))
+    grads_bytes = (data[0].numel() + data[1].numel()) * data[0].element_size()
     row = {"impl": name, "shape": shape_name, "N": n, "H": h, "V": v}
 
     def step():
+        x, w, t = data
         return torch.autograd.grad(fn(x, w, t), (x, w))
 
     try:
@@ -93,7 +94,7 @@ def measure(name, fn, n, h, v, device, dtype, shape_name) -> dict:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return row
     finally:
-        del x, w, t
+        data.clear()  # free the inputs before the next peer runs
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
