@@ -59,3 +59,15 @@ def test_bench_attention_smoke(tmp_path, monkeypatch, capsys):
         assert data["env"]["torch"] and data["rows"] and data["meta"]["Hq"] == 2
         assert (tmp_path / f"{op}.png").stat().st_size > 1000
 
+
+def test_bench_lora_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_lora import main as bench
+
+    rows = bench(["--smoke"])
+    impls = {r["impl"] for r in rows}
+    assert {"base linear (frozen)", "eager LoRA formula", "engine lora_linear", "loop over 3 adapters"} <= impls
+    data = json.loads((tmp_path / "lora.json").read_text())
+    assert data["env"]["torch"] and data["meta"]["tokens"] == 64 and data["rows"]
+    assert (tmp_path / "lora.png").stat().st_size > 1000

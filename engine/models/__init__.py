@@ -8,6 +8,8 @@ import torch
 
 from .checkpoint import CheckpointError, load_weights, read_config, weight_map
 from .config import ConfigError, LlamaConfig, MistralConfig, ModelConfig, Qwen2Config, Qwen3Config
+from .lora import (LoRAConfig, LoRALinear, add_lora, load_peft_lora, lora_state_dict_to_peft, peft_config,
+                   save_peft_lora, set_adapter_stack)
 from .packing import PackedBatch
 from .transformer import Transformer
 
@@ -70,7 +72,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device=Non
 
 
 __all__ = [
-    "CheckpointError", "ConfigError", "LlamaConfig", "MistralConfig", "ModelConfig", "PackedBatch",
-    "Qwen2Config", "Qwen3Config", "Transformer", "build_model", "load_config", "load_model",
-    "parse_config", "register", "supported_model_types", "weight_map",
+    "CheckpointError", "ConfigError", "LlamaConfig", "LoRAConfig", "LoRALinear", "MistralConfig", "ModelConfig",
+    "PackedBatch", "Qwen2Config", "Qwen3Config", "Transformer", "add_lora", "build_model", "load_config",
+    "load_model", "load_peft_lora", "lora_state_dict_to_peft", "parse_config", "peft_config", "register",
+    "save_peft_lora", "set_adapter_stack", "supported_model_types", "weight_map",
 ]

@@ -16,6 +16,7 @@ from torch import nn
 import kernels
 
 from .config import ModelConfig
+from .lora import check_adapter_ids, project
 
 
 class RMSNorm(nn.Module):
@@ -68,10 +69,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, adapter_ids=None):
         t = x.shape[0]
         kv_size = self.qkv.out_features // (self.kv_ratio + 2)
-        q, k, v = self.qkv(x).split([kv_size * self.kv_ratio, kv_size, kv_size], dim=-1)
+        q, k, v = project(self.qkv, x, adapter_ids).split([kv_size * self.kv_ratio, kv_size, kv_size], dim=-1)
         q, k, v = (z.view(t, -1, self.head_dim) for z in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -81,7 +82,7 @@ class Attention(nn.Module):
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
             causal=True, softmax_scale=self.head_dim**-0.5, window=self.window,
         )
-        return self.o(out.reshape(t, -1))
+        return project(self.o, out.reshape(t, -1), adapter_ids)
 
 
 class MLP(nn.Module):
@@ -90,9 +91,9 @@ class MLP(nn.Module):
         self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+    def forward(self, x, adapter_ids=None):
+        gate, up = project(self.gate_up, x, adapter_ids).chunk(2, dim=-1)
+        return project(self.down, F.silu(gate) * up, adapter_ids)
 
 
 class Block(nn.Module):
@@ -103,9 +104,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, adapter_ids=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, adapter_ids)
+        return x + self.mlp(self.mlp_norm(x), adapter_ids)
 
 
 class Transformer(nn.Module):
@@ -126,6 +127,7 @@ class Transformer(nn.Module):
         # Checking token ids and cu_seqlens costs one host sync per forward; callers that
         # built the batch on the host (PackedBatch does the same checks) may switch it off.
         self.validate_inputs = True
+        self.num_adapters = 0  # adapters packed by engine.models.lora.set_adapter_stack
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -138,15 +140,21 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor,
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
+        adapter_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, position_ids [T] int64; cu_seqlens [B+1] int32; max_seqlen host int.
+        """input_ids, position_ids [T] int64; cu_seqlens [B+1] int32; max_seqlen host int;
+        adapter_ids: optional [T] int32, the LoRA adapter of each token among those packed by
+        ``engine.models.lora.set_adapter_stack`` (-1: base model; inference only).
         Returns hidden states [T, hidden_size] after the final norm, in the model's dtype."""
         check_packed_inputs(input_ids, position_ids, cu_seqlens, max_seqlen, self.config.vocab_size,
                             self.embed.weight.device, check_values=self.validate_inputs)
+        if adapter_ids is not None:
+            check_adapter_ids(adapter_ids, input_ids.shape[0], self.num_adapters, self.embed.weight.device,
+                              check_values=self.validate_inputs)
         h = self.embed(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, cu_seqlens, max_seqlen)
+            h = layer(h, cos, sin, cu_seqlens, max_seqlen, adapter_ids)
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
