@@ -40,3 +40,11 @@ def copy_to_group(t: torch.Tensor, group) -> torch.Tensor:
     """Identity whose backward sums the gradient over the ranks: a replicated input feeding
     rank-local work (each rank sees only its part of the input's gradient)."""
     return _CopyToGroup.apply(t, group)
+
+
+def summed_grad(group, grad: torch.Tensor) -> torch.Tensor:
+    """A gradient hook (``param.register_hook(partial(summed_grad, group))``) for a
+    replicated parameter whose gradient each rank sees only in part."""
+    grad = grad.clone()
+    dist.all_reduce(grad, group=group)
+    return grad

@@ -181,3 +181,78 @@ def _run_step_cuda(model, vocab):
     batch, targets = _batch(vocab)
     first, curve = _check_and_train(model, batch.to("cuda"), targets.cuda())
     return {k: v for k, v in first.items() if k == "loss"}, curve, dist.get_rank()
+
+
+def _lora_grads(model):
+    """The adapter's gradients under PEFT names, gathered over the ranks (test helper)."""
+    from engine.models import lora_state_dict_to_peft
+
+    params = [p for n, p in model.named_parameters() if ".lora_" in n]
+    saved = [p.data for p in params]
+    for p in params:
+        p.data = p.grad
+    try:
+        return lora_state_dict_to_peft(model)
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d
+
+
+def _lora_setup(ctx, folder, adapter):
+    from engine.models import load_peft_lora
+
+    model = _setup(ctx, folder)
+    load_peft_lora(model, adapter)
+    return model
+
+
+def _lora_step(model, vocab):
+    from engine.models import lora_state_dict_to_peft
+
+    first, curve = _check_and_train(model, *_batch(vocab))
+    first["lora_grads"] = _lora_grads_now(model, vocab)
+    return first, curve, lora_state_dict_to_peft(model)
+
+
+def _lora_grads_now(model, vocab):
+    model.zero_grad()
+    hidden, lp, lse, loss = _loss(model, *_batch(vocab))
+    (loss + (lp * torch.linspace(-1, 1, len(lp))).sum()).backward()
+    return _lora_grads(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_lora_tp2_equals_tp1(checkpoint, tmp_path, family):
+    """An adapter on every projection: same outputs, adapter gradients (gathered under PEFT
+    names) and AdamW curve at tp=2 as at tp=1, and the trained adapter exports the same."""
+    from engine.models import add_lora, load_peft_lora, save_peft_lora
+
+    folder = checkpoint(family)
+    vocab = load_config(folder).vocab_size
+    model = load_model(folder)
+    add_lora(model, rank=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.05)  # B nonzero, so A gets a gradient too
+    adapter = save_peft_lora(model, tmp_path / "adapter")
+    ref = load_model(folder)
+    load_peft_lora(ref, adapter)
+    ref_first, ref_curve = _check_and_train(ref, *_batch(vocab))
+    ref_grads = _lora_grads_now(ref, vocab)
+    from engine.models import lora_state_dict_to_peft
+
+    ref_trained = lora_state_dict_to_peft(ref)
+    with WorkerPool(2, _lora_setup, folder, adapter) as pool:
+        results = pool.run(_lora_step, vocab)
+    for first, curve, trained in results:
+        for key in ("hidden", "lp", "loss"):
+            torch.testing.assert_close(first[key], ref_first[key], rtol=1e-5, atol=1e-5)
+        assert first["lora_grads"].keys() == ref_grads.keys() and ref_grads
+        for name, g in ref_grads.items():
+            err = ((first["lora_grads"][name] - g).norm() / g.norm()).item()
+            assert err < 1e-5, f"{name}: relative error {err:.2e}"
+        torch.testing.assert_close(torch.tensor(curve), torch.tensor(ref_curve), rtol=1e-4, atol=1e-4)
+        for name, t in ref_trained.items():
+            torch.testing.assert_close(trained[name], t, rtol=1e-4, atol=1e-5)

@@ -17,6 +17,13 @@ our q/k/v and gate/up are fused projections, so their adapters are fused too, ex
 A sub-projection that an adapter does not target (PEFT's common ``["q_proj", "v_proj"]``)
 keeps zero A and B rows: it adds nothing, gets zero gradients and is not exported.
 
+Tensor parallelism (engine/parallel marks each sharded projection with ``tp_mode``
+"column" or "row" and ``tp_group``): the rank dimension is never split. A column-parallel
+projection (qkv, gate_up) holds the whole A and its rows of each block of B; a row-parallel
+one (o, down) holds its columns of A and the whole B. The replicated factor's gradient is
+summed over the ranks, and A is drawn once for the whole model (on the group's first rank)
+and sliced, so an adapter is the same at any tp. Export gathers the slices.
+
 Multi-adapter inference: ``set_adapter_stack(model, [adapter, ...])`` packs several PEFT
 adapters (ranks and targets may differ) into per-projection stacks, and
 ``model(..., adapter_ids=ids)`` then serves adapter ``ids[t]`` to token ``t`` (-1: base
@@ -28,13 +35,16 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.collectives import copy_to_group, sum_over_group, summed_grad
 
 # Our projection -> the PEFT / Hugging Face sub-projections it fuses, in row order.
 _PROJECTIONS = {
@@ -86,17 +96,30 @@ class LoRALinear(nn.Linear):
         """A LoRALinear that shares ``linear``'s weight and bias."""
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, blocks=blocks, device="meta")
         new.weight, new.bias = linear.weight, linear.bias
+        new.tp_mode, new.tp_group = getattr(linear, "tp_mode", None), getattr(linear, "tp_group", None)
         new.train(linear.training)
         return new
+
+    tp_mode: str | None = None  # "column" / "row" on a tensor-parallel shard
+    tp_group = None
 
     def add_adapter(self, rank: int, scale: float, dropout: float, dtype: torch.dtype) -> None:
         """PEFT's default init: A kaiming-uniform (as nn.Linear), B zero, so y is unchanged."""
         dev = self.weight.device
-        a = torch.empty(len(self.blocks) * rank, self.in_features, dtype=dtype, device=dev)
+        tp, r = _tp_size(self.tp_group), _tp_rank(self.tp_group)
+        full_in = self.in_features * tp if self.tp_mode == "row" else self.in_features
+        a = torch.empty(len(self.blocks) * rank, full_in, dtype=dtype, device=dev)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if self.tp_group is not None:  # one draw for every rank, sliced
+            dist.broadcast(a, dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+            if self.tp_mode == "row":
+                a = a[:, r * self.in_features:(r + 1) * self.in_features].contiguous()
         self.lora_a = nn.Parameter(a)
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=dev))
         self.scale, self.dropout = float(scale), float(dropout)
+        replicated = {"column": self.lora_a, "row": self.lora_b}.get(self.tp_mode)
+        if replicated is not None:  # its gradient comes from this rank's slice only
+            replicated.register_hook(partial(summed_grad, self.tp_group))
 
     def dense_b(self) -> torch.Tensor:
         """lora_b as the [out, n_blocks * r] block-diagonal matrix the kernel multiplies by."""
@@ -106,14 +129,24 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         if adapter_ids is not None:
+            if self.tp_group is not None:
+                raise NotImplementedError("multi-adapter stacks on a tensor-parallel model are not supported yet")
             if self.stack_a is None:
                 raise RuntimeError("adapter_ids given but this projection has no adapter stack (set_adapter_stack)")
             return kernels.lora_linear_multi(x, self.weight, self.stack_a, self.stack_b, self.stack_scales,
                                              adapter_ids, bias=self.bias)
+        if self.tp_mode == "column":
+            x = copy_to_group(x, self.tp_group)
+        bias = None if self.tp_mode == "row" else self.bias  # a row-parallel bias is added once, after the sum
         if self.lora_a is None:
-            return F.linear(x, self.weight, self.bias)
-        return kernels.lora_linear(x, self.weight, self.lora_a, self.dense_b(), self.scale, bias=self.bias,
-                                   dropout=self.dropout if self.training else 0.0)
+            out = F.linear(x, self.weight, bias)
+        else:
+            out = kernels.lora_linear(x, self.weight, self.lora_a, self.dense_b(), self.scale, bias=bias,
+                                      dropout=self.dropout if self.training else 0.0)
+        if self.tp_mode == "row":
+            out = sum_over_group(out, self.tp_group)
+            out = out if self.bias is None else out + self.bias
+        return out
 
 
 def project(layer: nn.Module, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,10 +158,6 @@ def project(layer: nn.Module, x: torch.Tensor, adapter_ids: torch.Tensor | None 
 
 def _projections(model):
     """(layer index, our projection name, parent module, attribute, blocks) for every projection."""
-    if getattr(model, "tp_group", None) is not None:
-        # The tensor-parallel projections are patched in place (engine/parallel); LoRALinear
-        # would drop that patch and compute a silently wrong shard.
-        raise NotImplementedError("LoRA adapters on a tensor-parallel model (tp > 1) are not supported yet")
     for i, block in enumerate(model.layers):
         attn = block.attn
         kv = attn.qkv.out_features // (attn.kv_ratio + 2)
@@ -190,6 +219,21 @@ def add_lora(model, rank: int, alpha: float, targets=("qkv", "o", "gate_up", "do
     return config
 
 
+def _tp_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _tp_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate the ranks' slices of t along dim (equal slices)."""
+    parts = [torch.empty_like(t) for _ in range(_tp_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
 def _peft_prefix(i: int, name: str, sub: str) -> str:
     return f"base_model.model.model.layers.{i}.{_PROJECTIONS[name][1]}.{sub}"
 
@@ -203,8 +247,13 @@ def lora_state_dict_to_peft(model) -> dict[str, torch.Tensor]:
         layer = getattr(parent, attr)
         if not isinstance(layer, LoRALinear) or layer.lora_a is None:
             continue
-        a_blocks = layer.lora_a.detach().split(config.rank)
-        b_blocks = layer.lora_b.detach().split(layer.blocks)
+        a, b = layer.lora_a.detach(), layer.lora_b.detach()
+        if layer.tp_mode == "row":
+            a = _gather(a, 1, layer.tp_group)
+        a_blocks = a.split(config.rank)
+        b_blocks = b.split(layer.blocks)
+        if layer.tp_mode == "column":
+            b_blocks = [_gather(block, 0, layer.tp_group) for block in b_blocks]
         for sub, a, b in zip(_PROJECTIONS[name][2], a_blocks, b_blocks):
             if sub in config.target_modules:
                 prefix = _peft_prefix(i, name, sub)
@@ -298,22 +347,32 @@ def _adapter_tensors(model, state, lora: LoRAConfig):
             continue
         layer = getattr(parent, attr)
         blocks = blocks or (layer.out_features,)
+        tp, rank = _tp_size(getattr(layer, "tp_group", None)), _tp_rank(getattr(layer, "tp_group", None))
+        mode = getattr(layer, "tp_mode", None)
+        full_in = layer.in_features * tp if mode == "row" else layer.in_features
         a_parts, b_parts = [], []
         for sub, rows in zip(subs, blocks):
+            full_rows = rows * tp if mode == "column" else rows
             if sub not in lora.target_modules:
                 a_parts.append(torch.zeros(r, layer.in_features))
                 b_parts.append(torch.zeros(rows, r))
                 continue
             prefix = _peft_prefix(i, name, sub)
-            for suffix, shape in ((".lora_A.weight", (r, layer.in_features)), (".lora_B.weight", (rows, r))):
+            for suffix, shape in ((".lora_A.weight", (r, full_in)), (".lora_B.weight", (full_rows, r))):
                 key = prefix + suffix
                 if key not in state:
                     raise KeyError(f"PEFT adapter: missing {key}")
                 if tuple(state[key].shape) != shape:
                     raise ValueError(f"PEFT adapter: {key} has shape {tuple(state[key].shape)}, expected {shape}")
                 seen.add(key)
-            a_parts.append(state[prefix + ".lora_A.weight"].float().cpu())
-            b_parts.append(state[prefix + ".lora_B.weight"].float().cpu())
+            a = state[prefix + ".lora_A.weight"].float().cpu()
+            b = state[prefix + ".lora_B.weight"].float().cpu()
+            if mode == "row":  # this rank's slice (tensor parallelism)
+                a = a[:, rank * layer.in_features:(rank + 1) * layer.in_features]
+            elif mode == "column":
+                b = b[rank * rows:(rank + 1) * rows]
+            a_parts.append(a)
+            b_parts.append(b)
         out[(i, name)] = (torch.cat(a_parts), torch.cat(b_parts))
     unused = sorted(set(state) - seen)
     if unused:

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.collectives import copy_to_group, sum_over_group
+from kernels.collectives import copy_to_group, sum_over_group, summed_grad
 
 from ..models import build_model, load_config
 from ..models.checkpoint import WeightEntry, load_weights, weight_map
@@ -89,8 +89,8 @@ def shard_entries(config: ModelConfig, tp: int, rank: int) -> list[WeightEntry]:
     return out
 
 
-def _column_forward(module, forward, group, x):
-    return forward(copy_to_group(x, group))
+def _column_forward(module, group, x):
+    return F.linear(copy_to_group(x, group), module.weight, module.bias)
 
 
 def _row_forward(module, group, x):
@@ -103,12 +103,6 @@ def _embedding_forward(module, group, start, ids):
     outside = (local < 0) | (local >= module.num_embeddings)
     out = F.embedding(local.masked_fill(outside, 0), module.weight)
     return sum_over_group(out.masked_fill(outside[:, None], 0), group)
-
-
-def _sum_grad(group, grad):
-    grad = grad.clone()
-    dist.all_reduce(grad, group=group)
-    return grad
 
 
 def build_tp_model(config: ModelConfig, group, *, dtype=torch.float32, device=None) -> Transformer:
@@ -130,13 +124,13 @@ def build_tp_model(config: ModelConfig, group, *, dtype=torch.float32, device=No
     model.embed.forward = partial(_embedding_forward, model.embed, group, v_start)
     for name, module in model.named_modules():
         suffix = name.split(".", 2)[-1]
-        if suffix in COLUMN:
-            module.forward = partial(_column_forward, module, module.forward, group)
-        elif suffix in ROW:
-            module.forward = partial(_row_forward, module, group)
+        if suffix in COLUMN + ROW:
+            # Read by engine.models.lora, whose LoRALinear runs the same collectives itself.
+            module.tp_mode, module.tp_group = ("column" if suffix in COLUMN else "row"), group
+            module.forward = partial(_column_forward if suffix in COLUMN else _row_forward, module, group)
     for name, param in model.named_parameters():
         if name.split(".", 2)[-1] in PARTIAL_GRAD:
-            param.register_hook(partial(_sum_grad, group))
+            param.register_hook(partial(summed_grad, group))
     return model
 
 
