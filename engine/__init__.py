@@ -1,2 +1,17 @@
 """A kernel-level engine to train and sample Llama/Qwen-family models."""
 __version__ = "0.1.0"
+
+_API = ("AdamParams", "Datum", "ForwardBackwardOutput", "Future", "ModelBuilder", "ModelInput", "OptimStepOutput",
+        "TrainingModel", "model", "register_model")
+
+
+def __getattr__(name):
+    # Imported on first use so ``python -m engine --help`` does not pay for torch.
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
+
+__all__ = list(_API)

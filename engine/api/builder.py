@@ -1,0 +1,156 @@
+"""``engine.model(path)`` -> ModelBuilder -> ``spawn_train(max_batch_size=...)``.
+
+The builder only records choices; ``spawn_train`` checks them together (so an invalid
+combination fails there, with a message naming the option) and loads the model.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+from pathlib import Path
+
+import torch
+
+from engine.models import add_lora, load_config, load_model
+from engine.train.trainer import Trainer, enable_activation_checkpointing
+
+from .training import TrainingModel
+
+_REGISTRY: dict[str, Path] = {}
+_SCHEME = "model_registry://"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def register_model(name: str, path: str | Path) -> None:
+    """Make ``model_registry://<name>`` (and the bare ``name``) resolve to a local folder."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"name must be a non-empty string without '/', got {name!r}")
+    _REGISTRY[name] = Path(path)
+
+
+def resolve_path(path_or_name: str | Path) -> Path:
+    s = str(path_or_name)
+    if s.startswith(_SCHEME):
+        name = s[len(_SCHEME):]
+        if name not in _REGISTRY:
+            raise ValueError(f"model {s!r} is not registered; registered: {sorted(_REGISTRY) or 'none'} "
+                             f"(engine.register_model(name, path))")
+        return _REGISTRY[name]
+    if s in _REGISTRY and not Path(s).exists():
+        return _REGISTRY[s]
+    return Path(s)
+
+
+class ModelBuilder:
+    def __init__(self, path_or_name: str | Path):
+        self._name = str(path_or_name)
+        self._path = resolve_path(path_or_name)
+        if not (self._path / "config.json").is_file():
+            raise FileNotFoundError(f"model {self._name!r}: {str(self._path)!r} is not a checkpoint folder "
+                                    f"with a config.json")
+        self._tp = 1
+        self._adapter: dict | None = None
+        self._scoring = False
+        self._dtype: torch.dtype | None = None
+        self._device: torch.device | None = None
+        self._activation_checkpointing = False
+
+    def _with(self, **changes) -> "ModelBuilder":
+        new = copy.copy(self)
+        for k, v in changes.items():
+            setattr(new, "_" + k, v)
+        return new
+
+    def tp(self, n: int) -> "ModelBuilder":
+        """Tensor-parallel degree (one process per rank)."""
+        return self._with(tp=n)
+
+    def with_adapter(self, rank: int = 16, alpha: float | None = None, target_modules=None,
+                     dropout: float = 0.0) -> "ModelBuilder":
+        """Train a LoRA adapter (PEFT semantics; default alpha = 2 * rank, every linear layer)
+        instead of the full weights."""
+        return self._with(adapter=dict(rank=rank, alpha=2 * rank if alpha is None else alpha,
+                                       targets=target_modules, dropout=dropout))
+
+    def into_scoring_model(self) -> "ModelBuilder":
+        """A scalar value head on the final hidden states instead of the LM head (value and
+        reward models); losses ``mse`` and ``ranking``."""
+        return self._with(scoring=True)
+
+    def dtype(self, dtype: str | torch.dtype) -> "ModelBuilder":
+        return self._with(dtype=dtype)
+
+    def device(self, device: str | torch.device) -> "ModelBuilder":
+        return self._with(device=device)
+
+    def activation_checkpointing(self, on: bool = True) -> "ModelBuilder":
+        """Recompute each block's activations in the backward (less memory, ~1/3 more compute)."""
+        return self._with(activation_checkpointing=on)
+
+    def _check(self, max_batch_size) -> tuple[torch.dtype, torch.device]:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int (tokens per micro-batch), got {max_batch_size!r}")
+        if isinstance(self._tp, bool) or not isinstance(self._tp, int) or self._tp < 1:
+            raise ValueError(f"tp must be a positive int, got {self._tp!r}")
+        if self._tp > 1:
+            raise NotImplementedError(
+                f"tp={self._tp}: training under tensor parallelism is not wired into the API yet (the per-rank "
+                "Trainer exists; missing: running it in WorkerPool ranks, sharded save_state and gradient "
+                "clipping over ranks, and LoRA on tensor-parallel models); use tp=1")
+        device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but no CUDA GPU is available")
+        dtype = self._dtype
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {dtype!r}")
+            dtype = _DTYPES[dtype]
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if self._adapter is not None:
+            a = self._adapter
+            if isinstance(a["rank"], bool) or not isinstance(a["rank"], int) or a["rank"] < 1:
+                raise ValueError(f"with_adapter: rank must be a positive int, got {a['rank']!r}")
+            if not a["alpha"] > 0:
+                raise ValueError(f"with_adapter: alpha must be positive, got {a['alpha']!r}")
+            if not 0.0 <= a["dropout"] < 1.0:
+                raise ValueError(f"with_adapter: dropout must be in [0, 1), got {a['dropout']!r}")
+        load_config(self._path)  # an unsupported model_type fails here, before any weights load
+        return dtype, device
+
+    def spawn_train(self, max_batch_size: int, *, checkpoint_dir: str | Path = "checkpoints") -> TrainingModel:
+        """Load the model for training. ``max_batch_size``: tokens per micro-batch (data are
+        packed into micro-batches by first-fit-decreasing; the gradient is that of the whole
+        batch). ``checkpoint_dir``: where ``save_state(name)`` writes a bare name."""
+        dtype, device = self._check(max_batch_size)
+        model = load_model(self._path, dtype=dtype, device=device)
+        lora = None
+        if self._adapter is not None:
+            a = self._adapter
+            targets = a["targets"] or ("qkv", "o", "gate_up", "down")
+            lora = add_lora(model, a["rank"], a["alpha"], targets, dropout=a["dropout"])
+        if self._activation_checkpointing:
+            enable_activation_checkpointing(model)
+        trainer = Trainer(model, max_batch_size=max_batch_size, scoring=self._scoring, lora=lora is not None)
+        n_params = sum(p.numel() for p in model.parameters())
+        info = {"model": self._name, "path": str(self._path), "model_type": model.config.model_type,
+                "tp": self._tp, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+                "max_batch_size": max_batch_size, "scoring_model": self._scoring,
+                "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha,
+                                                   "target_modules": list(lora.target_modules)},
+                "parameters": n_params, "trainable_parameters": sum(p.numel() for _, p in trainer.params),
+                "activation_checkpointing": self._activation_checkpointing}
+        return TrainingModel(trainer, source=self._path, checkpoint_dir=Path(checkpoint_dir), info=info)
+
+    async def spawn_train_async(self, max_batch_size: int, **kwargs) -> TrainingModel:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(self.spawn_train, max_batch_size, **kwargs))
+
+
+def model(path_or_name: str | Path) -> ModelBuilder:
+    """A builder for a local Hugging Face checkpoint folder or a registered name."""
+    return ModelBuilder(path_or_name)

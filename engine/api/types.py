@@ -1,0 +1,143 @@
+"""Data types of the training API, shaped after Tinker's SDK so recipes port with few changes.
+
+Objects of Tinker's own types are accepted by duck typing (no dependency on it): a model
+input with ``to_ints()`` or ``chunks`` of ``tokens``, loss inputs with ``to_torch()``,
+``to_numpy()``, ``tolist()`` or ``.data``.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ModelInput:
+    """The token ids of one sequence."""
+
+    tokens: list[int]
+
+    @classmethod
+    def from_ints(cls, tokens: Sequence[int]) -> "ModelInput":
+        return cls([int(t) for t in tokens])
+
+    def to_ints(self) -> list[int]:
+        return list(self.tokens)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def as_ints(model_input: Any, *, where: str = "model_input") -> list[int]:
+    """Token ids of a ModelInput, a Tinker ModelInput (``to_ints`` or ``chunks``), or a sequence."""
+    if hasattr(model_input, "to_ints"):
+        return [int(t) for t in model_input.to_ints()]
+    if hasattr(model_input, "chunks"):
+        out = []
+        for chunk in model_input.chunks:
+            if not hasattr(chunk, "tokens"):
+                raise ValueError(f"{where}: chunk of type {type(chunk).__name__} has no tokens (only text chunks are supported)")
+            out += [int(t) for t in chunk.tokens]
+        return out
+    if isinstance(model_input, torch.Tensor):
+        return [int(t) for t in model_input.reshape(-1).tolist()]
+    if isinstance(model_input, (list, tuple, np.ndarray)):
+        return [int(t) for t in model_input]
+    raise ValueError(f"{where} must be a ModelInput, a list of token ids or an object with to_ints(), "
+                     f"got {type(model_input).__name__}")
+
+
+def as_tensor(value: Any, *, where: str) -> torch.Tensor:
+    """A 1-D CPU tensor from a list, numpy array, torch tensor or Tinker TensorData."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+    elif hasattr(value, "to_torch"):
+        t = value.to_torch()
+    elif hasattr(value, "to_numpy"):
+        t = torch.from_numpy(np.asarray(value.to_numpy()))
+    elif isinstance(value, np.ndarray):
+        t = torch.from_numpy(value)
+    elif isinstance(value, (list, tuple)):
+        t = torch.tensor(value)
+    elif hasattr(value, "tolist"):
+        t = torch.tensor(value.tolist())
+    elif hasattr(value, "data"):
+        t = torch.tensor(value.data)
+    else:
+        raise ValueError(f"{where} must be a list, numpy array or torch tensor, got {type(value).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{where} must be 1-D (one value per token), got shape {tuple(t.shape)}")
+    return t
+
+
+@dataclass
+class Datum:
+    """One training sequence: ``model_input`` (N tokens) and ``loss_fn_inputs``, a dict of
+    per-token arrays of length N; position i of ``target_tokens`` is the token that follows
+    position i of the input."""
+
+    model_input: Any
+    loss_fn_inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AdamParams:
+    """AdamW hyperparameters for one ``optim_step`` (torch.optim.AdamW semantics);
+    ``grad_clip_norm`` > 0 clips the global gradient norm first."""
+
+    learning_rate: float
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+@dataclass
+class ForwardBackwardOutput:
+    """``loss_fn_outputs``: one dict per datum (``logprobs`` [N] float32, or ``values`` for
+    a scoring model); ``metrics``: ``loss:sum`` and batch counters."""
+
+    loss_fn_outputs: list[dict[str, torch.Tensor]]
+    metrics: dict[str, float]
+
+    @property
+    def loss(self) -> float:
+        return self.metrics["loss:sum"]
+
+
+@dataclass
+class OptimStepOutput:
+    metrics: dict[str, float]
+
+
+class Future:
+    """The result of a call that runs on the model's worker thread: ``.result(timeout)``,
+    ``await fut`` or ``await fut.result_async()``. An exception raised by the call is
+    re-raised here; the model stays usable."""
+
+    def __init__(self, inner: concurrent.futures.Future):
+        self._inner = inner
+
+    def result(self, timeout: float | None = None):
+        return self._inner.result(timeout)
+
+    def done(self) -> bool:
+        return self._inner.done()
+
+    def exception(self, timeout: float | None = None):
+        return self._inner.exception(timeout)
+
+    async def result_async(self):
+        return await asyncio.wrap_future(self._inner)
+
+    def __await__(self):
+        return self.result_async().__await__()

@@ -1,0 +1,156 @@
+"""The per-rank training step: forward / backward over micro-batches, AdamW, and state.
+
+``Trainer`` owns one model (or one tensor-parallel shard), its optional value head and its
+optimizer. It takes data already normalised by the API layer (token lists and float/int
+CPU tensors per datum) and returns plain tensors and floats, so the same code runs in the
+caller's process (tp=1) and in a WorkerPool rank.
+
+Host syncs: one ``.tolist()`` per call at the end (metrics), none per micro-batch.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from engine.models import PackedBatch
+
+from . import losses
+from .batching import pack_micro_batches
+
+Data = list[tuple[list[int], dict[str, torch.Tensor]]]
+
+
+def _checkpointed(forward, *args):
+    return checkpoint(forward, *args, use_reentrant=False)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward instead of storing them: memory
+    of one block's activations per layer becomes one [T, H] input per layer."""
+    for block in model.layers:
+        block.forward = partial(_checkpointed, block.forward)
+
+
+class Trainer:
+    def __init__(self, model, *, max_batch_size: int, scoring: bool = False, lora: bool = False):
+        self.model = model
+        self.group = getattr(model, "tp_group", None)
+        self.max_batch_size = max_batch_size
+        self.lora = lora
+        self.device = model.embed.weight.device
+        self.vocab = model.config.vocab_size
+        self.value_head = None
+        if scoring:
+            # A float32 scalar head on the final hidden states, zero-initialised: the first
+            # step's values are 0 and its gradient is the hidden state itself.
+            self.value_head = nn.Linear(model.config.hidden_size, 1, device=self.device, dtype=torch.float32)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self.params = self.named_trainable()
+        self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=0.0)
+        self.step = 0
+
+    def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        out = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.value_head is not None:
+            out += [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
+        return out
+
+    # -- forward / backward ---------------------------------------------------------------
+    def _hidden(self, seqs: list[list[int]]) -> tuple[torch.Tensor, PackedBatch]:
+        batch = PackedBatch.from_sequences(seqs, vocab_size=self.vocab, device=self.device)
+        self.model.validate_inputs = False  # PackedBatch checked the ids on the host
+        h = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        return h, batch
+
+    def _micro_step(self, data: Data, idx: list[int], spec, fn, backward: bool):
+        """Loss (0-dim tensor) and per-datum outputs of one micro-batch."""
+        seqs = [data[i][0] for i in idx]
+        cat = {k: torch.cat([data[i][1][k] for i in idx]).to(self.device) for k in data[idx[0]][1]}
+        with torch.set_grad_enabled(backward):
+            h, batch = self._hidden(seqs)
+            if spec is not None and spec.scoring:
+                values = self.value_head(h.float()).squeeze(-1)
+                if fn is losses.ranking:
+                    loss = losses.ranking(values, batch.cu_seqlens, cat["weights"].float())
+                else:
+                    loss = fn(values, **{k: v.float() for k, v in cat.items()}).sum()
+                out, key = values.detach(), "values"
+            else:
+                targets = cat.pop("target_tokens").long()
+                aux = {k: v.float() for k, v in cat.items()}
+                loss, record = kernels.linear_token_loss(h, self.model.lm_head_weight, targets, fn, aux=aux,
+                                                         return_stats=True, process_group=self.group)
+                out, key = record["logprob"], "logprobs"
+            if backward:
+                loss.backward()
+        return loss.detach(), [(i, {key: t.cpu()}) for i, t in zip(idx, batch.split(out))]
+
+    def run(self, data: Data, loss_fn: str, loss_fn_config: dict | None, backward: bool):
+        """forward (backward=False) or forward_backward with a built-in loss."""
+        spec, fn = losses.resolve_loss(loss_fn, loss_fn_config, scoring=self.value_head is not None)
+        return self._run(data, spec, fn, backward)
+
+    def _run(self, data: Data, spec, fn, backward: bool):
+        self.model.train(backward)
+        bins, dropped = pack_micro_batches([len(s) for s, _ in data], self.max_batch_size, spec.group if spec else 1)
+        outputs: list = [None] * len(data)
+        total = torch.zeros((), device=self.device)
+        for idx in bins:
+            loss, outs = self._micro_step(data, idx, spec, fn, backward)
+            total += loss
+            for i, o in outs:
+                outputs[i] = o
+        key = "values" if self.value_head is not None else "logprobs"
+        for i in dropped:
+            outputs[i] = {key: torch.full((len(data[i][0]),), float("nan"))}
+        metrics = {"loss:sum": float(total), "dropped_data:sum": float(len(dropped)),
+                   "tokens:sum": float(sum(len(data[i][0]) for b in bins for i in b)),
+                   "micro_batches:sum": float(len(bins))}
+        return outputs, metrics
+
+    def forward_backward_custom(self, data: Data, fn):
+        """Two passes: logprobs without grad, the user's loss on leaf copies of them (autograd
+        gives dloss/dlogprob), then a fused pass of ``sum(grad * logprob)`` that carries
+        exactly that gradient into the model, micro-batch by micro-batch."""
+        if self.value_head is not None:
+            raise ValueError("forward_backward_custom needs a language model, not a scoring model")
+        plain = [(s, {"target_tokens": inp["target_tokens"]}) for s, inp in data]
+        zero = [(s, {**i, "grad": torch.zeros(len(s))}) for s, i in plain]
+        outputs, _ = self._run(zero, None, losses.linear_grad, backward=False)
+        logprobs = [o["logprobs"].clone().requires_grad_(True) for o in outputs]
+        result = fn(data, logprobs)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise ValueError("fn must return (loss, metrics): a scalar tensor and a dict of floats")
+        loss, user_metrics = result
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise ValueError("fn's loss must be a scalar tensor computed from the logprobs it was given")
+        grads = torch.autograd.grad(loss.reshape(()), logprobs, allow_unused=True)
+        replay = [(s, {**i, "grad": torch.zeros(len(s)) if g is None else g.float()})
+                  for (s, i), g in zip(plain, grads)]
+        _, metrics = self._run(replay, None, losses.linear_grad, backward=True)
+        metrics["loss:sum"] = float(loss.detach())
+        metrics.update({k: float(v) for k, v in (user_metrics or {}).items()})
+        return [{"logprobs": lp.detach()} for lp in logprobs], metrics
+
+    # -- optimizer --------------------------------------------------------------------------
+    def optim_step(self, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   grad_clip_norm: float) -> dict:
+        params = [p for _, p in self.params]
+        metrics = {}
+        if grad_clip_norm > 0:
+            if self.group is not None:
+                raise NotImplementedError("gradient clipping under tensor parallelism")
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+            metrics["grad_norm"] = float(norm)
+        for g in self.optimizer.param_groups:
+            g.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        metrics["step"] = float(self.step)
+        return metrics
