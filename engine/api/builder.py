@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from engine.models import add_lora, load_config, load_model
+from engine.parallel import check_tp
+from engine.train.remote import RemoteTrainer
 from engine.train.trainer import Trainer, enable_activation_checkpointing
 
 from .training import TrainingModel
@@ -95,10 +97,7 @@ class ModelBuilder:
         if isinstance(self._tp, bool) or not isinstance(self._tp, int) or self._tp < 1:
             raise ValueError(f"tp must be a positive int, got {self._tp!r}")
         if self._tp > 1:
-            raise NotImplementedError(
-                f"tp={self._tp}: training under tensor parallelism is not wired into the API yet (the per-rank "
-                "Trainer exists; missing: running it in WorkerPool ranks, sharded save_state and gradient "
-                "clipping over ranks, and LoRA on tensor-parallel models); use tp=1")
+            check_tp(load_config(self._path), self._tp)
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} but no CUDA GPU is available")
@@ -127,22 +126,29 @@ class ModelBuilder:
         packed into micro-batches by first-fit-decreasing; the gradient is that of the whole
         batch). ``checkpoint_dir``: where ``save_state(name)`` writes a bare name."""
         dtype, device = self._check(max_batch_size)
-        model = load_model(self._path, dtype=dtype, device=device)
-        lora = None
+        adapter = None
         if self._adapter is not None:
             a = self._adapter
-            targets = a["targets"] or ("qkv", "o", "gate_up", "down")
-            lora = add_lora(model, a["rank"], a["alpha"], targets, dropout=a["dropout"])
-        if self._activation_checkpointing:
-            enable_activation_checkpointing(model)
-        trainer = Trainer(model, max_batch_size=max_batch_size, scoring=self._scoring, lora=lora is not None)
-        n_params = sum(p.numel() for p in model.parameters())
-        info = {"model": self._name, "path": str(self._path), "model_type": model.config.model_type,
+            adapter = dict(a, targets=a["targets"] or ("qkv", "o", "gate_up", "down"))
+        if self._tp > 1:  # one process per rank (engine/train/remote.py)
+            trainer = RemoteTrainer(self._tp, self._path, dtype=dtype, adapter=adapter, scoring=self._scoring,
+                                    activation_checkpointing=self._activation_checkpointing,
+                                    max_batch_size=max_batch_size, vocab=load_config(self._path).vocab_size)
+            described = trainer.info
+        else:
+            model = load_model(self._path, dtype=dtype, device=device)
+            if adapter is not None:
+                add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"])
+            if self._activation_checkpointing:
+                enable_activation_checkpointing(model)
+            trainer = Trainer(model, max_batch_size=max_batch_size, scoring=self._scoring, lora=adapter is not None)
+            described = trainer.describe()
+        info = {"model": self._name, "path": str(self._path), "model_type": load_config(self._path).model_type,
                 "tp": self._tp, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
                 "max_batch_size": max_batch_size, "scoring_model": self._scoring,
-                "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha,
-                                                   "target_modules": list(lora.target_modules)},
-                "parameters": n_params, "trainable_parameters": sum(p.numel() for _, p in trainer.params),
+                "lora": None if adapter is None else {"rank": adapter["rank"], "alpha": adapter["alpha"],
+                                                      "target_modules": described["target_modules"]},
+                "parameters": described["parameters"], "trainable_parameters": described["trainable_parameters"],
                 "activation_checkpointing": self._activation_checkpointing}
         return TrainingModel(trainer, source=self._path, checkpoint_dir=Path(checkpoint_dir), info=info)
 

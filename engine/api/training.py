@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from engine.train import checkpoint, losses
+from engine.train import losses
 from engine.train.trainer import Trainer
 
 from .types import AdamParams, Future, ForwardBackwardOutput, OptimStepOutput, as_ints, as_tensor
@@ -126,18 +126,18 @@ class TrainingModel:
 
     def save_state(self, name: str) -> Future:
         """Trainable weights, optimizer state and step counter; the future gives the path."""
-        return self._submit(lambda: str(checkpoint.save_state(self._trainer, self._path(name))))
+        return self._submit(lambda: str(self._trainer.save_state(self._path(name))))
 
     def load_state(self, path: str) -> Future:
         """Weights only; the optimizer state starts fresh."""
-        return self._submit(lambda: checkpoint.load_state(self._trainer, Path(path), with_optimizer=False))
+        return self._submit(lambda: self._trainer.load_state(Path(path), False))
 
     def load_state_with_optimizer(self, path: str) -> Future:
-        return self._submit(lambda: checkpoint.load_state(self._trainer, Path(path), with_optimizer=True))
+        return self._submit(lambda: self._trainer.load_state(Path(path), True))
 
     def save_weights_for_sampler(self, name: str) -> Future:
         """A PEFT adapter folder under LoRA, else a folder that transformers loads."""
-        return self._submit(lambda: str(checkpoint.save_for_sampler(self._trainer, self._source, self._path(name))))
+        return self._submit(lambda: str(self._trainer.save_for_sampler(self._source, self._path(name))))
 
     def get_info(self) -> dict[str, Any]:
         return {**self._info, "step": self._trainer.step}
@@ -152,6 +152,8 @@ class TrainingModel:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        if hasattr(self._trainer, "close"):
+            self._trainer.close()
 
     # Tinker's *_async spelling: ``fut = await model.forward_backward_async(...)``, then ``await fut``.
     async def forward_async(self, *a, **k) -> Future:

@@ -21,8 +21,8 @@ Tensor parallelism (engine/parallel marks each sharded projection with ``tp_mode
 "column" or "row" and ``tp_group``): the rank dimension is never split. A column-parallel
 projection (qkv, gate_up) holds the whole A and its rows of each block of B; a row-parallel
 one (o, down) holds its columns of A and the whole B. The replicated factor's gradient is
-summed over the ranks, and A is drawn once for the whole model (on the group's first rank)
-and sliced, so an adapter is the same at any tp. Export gathers the slices.
+summed over the ranks, and A is drawn whole from a seeded generator and sliced, so a new
+adapter is the same at any tp. Export gathers the slices.
 
 Multi-adapter inference: ``set_adapter_stack(model, [adapter, ...])`` packs several PEFT
 adapters (ranks and targets may differ) into per-projection stacks, and
@@ -103,23 +103,26 @@ class LoRALinear(nn.Linear):
     tp_mode: str | None = None  # "column" / "row" on a tensor-parallel shard
     tp_group = None
 
-    def add_adapter(self, rank: int, scale: float, dropout: float, dtype: torch.dtype) -> None:
-        """PEFT's default init: A kaiming-uniform (as nn.Linear), B zero, so y is unchanged."""
+    def add_adapter(self, rank: int, scale: float, dropout: float, dtype: torch.dtype,
+                    generator: torch.Generator | None = None) -> None:
+        """PEFT's default init: A kaiming-uniform (as nn.Linear), B zero, so y is unchanged.
+        A is drawn on the CPU from ``generator`` for the whole (unsharded) matrix, so every
+        tensor-parallel rank draws the same and keeps its slice."""
         dev = self.weight.device
         tp, r = _tp_size(self.tp_group), _tp_rank(self.tp_group)
         full_in = self.in_features * tp if self.tp_mode == "row" else self.in_features
-        a = torch.empty(len(self.blocks) * rank, full_in, dtype=dtype, device=dev)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if self.tp_group is not None:  # one draw for every rank, sliced
-            dist.broadcast(a, dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
-            if self.tp_mode == "row":
-                a = a[:, r * self.in_features:(r + 1) * self.in_features].contiguous()
-        self.lora_a = nn.Parameter(a)
+        a = torch.empty(len(self.blocks) * rank, full_in)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        if self.tp_mode == "row":
+            a = a[:, r * self.in_features:(r + 1) * self.in_features]
+        self.lora_a = nn.Parameter(a.to(device=dev, dtype=dtype).contiguous())
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=dev))
         self.scale, self.dropout = float(scale), float(dropout)
         replicated = {"column": self.lora_a, "row": self.lora_b}.get(self.tp_mode)
         if replicated is not None:  # its gradient comes from this rank's slice only
             replicated.register_hook(partial(summed_grad, self.tp_group))
+            sharded = self.lora_b if self.tp_mode == "column" else self.lora_a
+            sharded.tp_sharded = True  # read by global-norm gradient clipping
 
     def dense_b(self) -> torch.Tensor:
         """lora_b as the [out, n_blocks * r] block-diagonal matrix the kernel multiplies by."""
@@ -184,7 +187,7 @@ def _peft_targets(targets) -> tuple[str, ...]:
 
 
 def add_lora(model, rank: int, alpha: float, targets=("qkv", "o", "gate_up", "down"), *, dropout: float = 0.0,
-             use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> LoRAConfig:
+             use_rslora: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoRAConfig:
     """Attach one trainable adapter per targeted projection and freeze the base model.
 
     Args:
@@ -194,6 +197,7 @@ def add_lora(model, rank: int, alpha: float, targets=("qkv", "o", "gate_up", "do
         dropout: PEFT's ``lora_dropout``, applied in training mode only.
         dtype: adapter parameters' dtype (float32 by default, as PEFT's
             ``autocast_adapter_dtype``); the kernels compute in the activations' dtype.
+        seed: seeds the draw of the A matrices (the same adapter at any tp).
     """
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("the model already has a LoRA adapter")
@@ -202,6 +206,7 @@ def add_lora(model, rank: int, alpha: float, targets=("qkv", "o", "gate_up", "do
     peft = _peft_targets(targets)
     config = LoRAConfig(rank, float(alpha), peft, float(dropout), use_rslora)
     model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
     for _, name, parent, attr, blocks in _projections(model):
         subs = _PROJECTIONS[name][2]
         if not set(subs) & set(peft):
@@ -210,7 +215,7 @@ def add_lora(model, rank: int, alpha: float, targets=("qkv", "o", "gate_up", "do
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear.wrap(layer, blocks)
             setattr(parent, attr, layer)
-        layer.add_adapter(rank, config.scale, dropout, dtype)
+        layer.add_adapter(rank, config.scale, dropout, dtype, generator)
         with torch.no_grad():  # sub-projections not targeted: zero A rows, B rows already zero
             for j, sub in enumerate(subs):
                 if sub not in peft:
@@ -271,15 +276,20 @@ def peft_config(model) -> dict:
             "base_model_name_or_path": None}
 
 
-def save_peft_lora(model, folder: str | Path) -> Path:
+def save_peft_lora(model, folder: str | Path, *, write: bool = True) -> Path:
     """Write adapter_model.safetensors and adapter_config.json (PEFT's ``save_pretrained``
-    layout; each file written under a temporary name, then renamed)."""
+    layout; each file written under a temporary name, then renamed). Under tensor
+    parallelism every rank must call it (the slices are gathered); pass ``write=False`` on
+    all ranks but one."""
     from safetensors.torch import save_file
 
+    state = lora_state_dict_to_peft(model)
     folder = Path(folder)
+    if not write:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
-    save_file({k: v.cpu() for k, v in lora_state_dict_to_peft(model).items()}, str(tmp), metadata={"format": "pt"})
+    save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / ADAPTER_WEIGHTS)
     tmp = folder / (ADAPTER_CONFIG + ".tmp")
     tmp.write_text(json.dumps(peft_config(model), indent=2))

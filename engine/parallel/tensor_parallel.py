@@ -128,9 +128,12 @@ def build_tp_model(config: ModelConfig, group, *, dtype=torch.float32, device=No
             # Read by engine.models.lora, whose LoRALinear runs the same collectives itself.
             module.tp_mode, module.tp_group = ("column" if suffix in COLUMN else "row"), group
             module.forward = partial(_column_forward if suffix in COLUMN else _row_forward, module, group)
+    sharded = {e.param for e in shard_entries(config, tp, rank) if e.shard is not None}
     for name, param in model.named_parameters():
         if name.split(".", 2)[-1] in PARTIAL_GRAD:
             param.register_hook(partial(summed_grad, group))
+        # Each rank holds a different slice (global-norm gradient clipping sums these).
+        param.tp_sharded = name in sharded
     return model
 
 

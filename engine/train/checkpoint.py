@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -37,23 +38,37 @@ def _kind(trainer) -> str:
     return ("lora" if trainer.lora else "full") + ("+value_head" if trainer.value_head is not None else "")
 
 
+def _state_file(trainer) -> str:
+    """state.safetensors, or one file per rank under tensor parallelism (a state saved at
+    tp=n loads at tp=n; the sampler exports are unsharded)."""
+    if trainer.group is None:
+        return STATE_FILE
+    tp, rank = dist.get_world_size(trainer.group), dist.get_rank(trainer.group)
+    return f"state.tp{tp}-rank{rank}.safetensors"
+
+
+def _is_writer(trainer) -> bool:
+    return trainer.group is None or dist.get_rank(trainer.group) == 0
+
+
 def save_state(trainer, folder: Path) -> Path:
-    if trainer.group is not None:
-        raise NotImplementedError("save_state under tensor parallelism")
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"weights.{n}": p for n, p in trainer.params}
     for n, p in trainer.params:
         for key, value in trainer.optimizer.state.get(p, {}).items():
             tensors[f"optimizer.{n}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
     meta = {"format": _FORMAT, "step": str(trainer.step), "kind": _kind(trainer)}
-    _atomic_save(tensors, folder / STATE_FILE, meta)
+    _atomic_save(tensors, folder / _state_file(trainer), meta)
+    if trainer.group is not None:
+        dist.barrier(group=trainer.group)  # every shard is on disk when the call returns
     return folder
 
 
 def load_state(trainer, path: Path, *, with_optimizer: bool) -> None:
-    file = path / STATE_FILE if path.is_dir() else path
+    name = _state_file(trainer)
+    file = path / name if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"path {str(path)!r}: no {STATE_FILE} (a folder written by save_state)")
+        raise FileNotFoundError(f"path {str(path)!r}: no {name} (a folder written by save_state at this tp)")
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != _FORMAT:
@@ -90,11 +105,17 @@ def load_state(trainer, path: Path, *, with_optimizer: bool) -> None:
 def save_for_sampler(trainer, source: Path, folder: Path) -> Path:
     """PEFT adapter (LoRA) or full HF folder; a scoring model adds value_head.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
+    writer = _is_writer(trainer)  # under tensor parallelism every rank gathers, the first writes
     if trainer.lora:
-        save_peft_lora(trainer.model, folder)
+        save_peft_lora(trainer.model, folder, write=writer)
     else:
         state = full_state(trainer.model)
-        _atomic_save(state, folder / "model.safetensors", {"format": "pt"})
+        if writer:
+            _atomic_save(state, folder / "model.safetensors", {"format": "pt"})
+    if not writer:
+        dist.barrier(group=trainer.group)
+        return folder
+    if not trainer.lora:
         config = json.loads((source / "config.json").read_text())
         tmp = folder / "config.json.tmp"
         tmp.write_text(json.dumps(config, indent=2))
@@ -105,4 +126,6 @@ def save_for_sampler(trainer, source: Path, folder: Path) -> Path:
     if trainer.value_head is not None:
         _atomic_save({"weight": trainer.value_head.weight, "bias": trainer.value_head.bias},
                      folder / "value_head.safetensors", {"format": "pt"})
+    if trainer.group is not None:
+        dist.barrier(group=trainer.group)
     return folder

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from engine.models import PackedBatch
 
+from . import checkpoint as state_io
 from . import losses
 from .batching import pack_micro_batches
 
@@ -113,39 +114,55 @@ class Trainer:
                    "micro_batches:sum": float(len(bins))}
         return outputs, metrics
 
+    def run_linear_grad(self, data: Data, backward: bool):
+        """The fused pass of ``sum(grad * logprob)`` that forward_backward_custom runs twice."""
+        return self._run(data, None, losses.linear_grad, backward)
+
     def forward_backward_custom(self, data: Data, fn):
-        """Two passes: logprobs without grad, the user's loss on leaf copies of them (autograd
-        gives dloss/dlogprob), then a fused pass of ``sum(grad * logprob)`` that carries
-        exactly that gradient into the model, micro-batch by micro-batch."""
         if self.value_head is not None:
             raise ValueError("forward_backward_custom needs a language model, not a scoring model")
-        plain = [(s, {"target_tokens": inp["target_tokens"]}) for s, inp in data]
-        zero = [(s, {**i, "grad": torch.zeros(len(s))}) for s, i in plain]
-        outputs, _ = self._run(zero, None, losses.linear_grad, backward=False)
-        logprobs = [o["logprobs"].clone().requires_grad_(True) for o in outputs]
-        result = fn(data, logprobs)
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise ValueError("fn must return (loss, metrics): a scalar tensor and a dict of floats")
-        loss, user_metrics = result
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-            raise ValueError("fn's loss must be a scalar tensor computed from the logprobs it was given")
-        grads = torch.autograd.grad(loss.reshape(()), logprobs, allow_unused=True)
-        replay = [(s, {**i, "grad": torch.zeros(len(s)) if g is None else g.float()})
-                  for (s, i), g in zip(plain, grads)]
-        _, metrics = self._run(replay, None, losses.linear_grad, backward=True)
-        metrics["loss:sum"] = float(loss.detach())
-        metrics.update({k: float(v) for k, v in (user_metrics or {}).items()})
-        return [{"logprobs": lp.detach()} for lp in logprobs], metrics
+        return custom_step(self.run_linear_grad, data, fn)
+
+    # -- state on disk (engine/train/checkpoint.py) -------------------------------------------
+    def save_state(self, folder):
+        return state_io.save_state(self, folder)
+
+    def load_state(self, path, with_optimizer: bool):
+        return state_io.load_state(self, path, with_optimizer=with_optimizer)
+
+    def save_for_sampler(self, source, folder):
+        return state_io.save_for_sampler(self, source, folder)
+
+    def describe(self) -> dict:
+        return {"step": self.step, "trainable_parameters": sum(p.numel() for _, p in self.params),
+                "parameters": sum(p.numel() for p in self.model.parameters()), "lora": self.lora,
+                "scoring": self.value_head is not None,
+                "target_modules": list(self.model.lora_config.target_modules) if self.lora else None}
 
     # -- optimizer --------------------------------------------------------------------------
+    def _clip(self, params, max_norm: float) -> torch.Tensor:
+        if self.group is None:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # Global norm over the unsharded model: squares of sharded parameters are summed over
+        # the ranks, replicated ones (equal on every rank) counted once. Same clip as
+        # clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), capped at 1).
+        grads = [(p.grad, getattr(p, "tp_sharded", False)) for p in params if p.grad is not None]
+        zero = torch.zeros((), device=self.device)
+        sharded = sum((g.float().pow(2).sum() for g, s in grads if s), zero)
+        replicated = sum((g.float().pow(2).sum() for g, s in grads if not s), zero)
+        torch.distributed.all_reduce(sharded, group=self.group)
+        norm = (sharded + replicated).sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g, _ in grads:
+            g.mul_(coef.to(g.dtype))
+        return norm
+
     def optim_step(self, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    grad_clip_norm: float) -> dict:
         params = [p for _, p in self.params]
         metrics = {}
         if grad_clip_norm > 0:
-            if self.group is not None:
-                raise NotImplementedError("gradient clipping under tensor parallelism")
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+            norm = self._clip(params, grad_clip_norm)
             metrics["grad_norm"] = float(norm)
         for g in self.optimizer.param_groups:
             g.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
@@ -154,3 +171,28 @@ class Trainer:
         self.step += 1
         metrics["step"] = float(self.step)
         return metrics
+
+
+def custom_step(run_linear_grad, data: Data, fn):
+    """forward_backward_custom in two passes: logprobs without grad, the user's loss on leaf
+    copies of them (autograd gives dloss/dlogprob), then a fused pass of
+    ``sum(grad * logprob)`` that carries exactly that gradient into the model, micro-batch by
+    micro-batch. ``run_linear_grad(data, backward)`` runs the fused pass (locally, or on every
+    tensor-parallel rank), so the user's ``fn`` always runs in the caller's process."""
+    plain = [(s, {"target_tokens": inp["target_tokens"]}) for s, inp in data]
+    zero = [(s, {**i, "grad": torch.zeros(len(s))}) for s, i in plain]
+    outputs, _ = run_linear_grad(zero, False)
+    logprobs = [o["logprobs"].clone().requires_grad_(True) for o in outputs]
+    result = fn(data, logprobs)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ValueError("fn must return (loss, metrics): a scalar tensor and a dict of floats")
+    loss, user_metrics = result
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        raise ValueError("fn's loss must be a scalar tensor computed from the logprobs it was given")
+    grads = torch.autograd.grad(loss.reshape(()), logprobs, allow_unused=True)
+    replay = [(s, {**i, "grad": torch.zeros(len(s)) if g is None else g.float()})
+              for (s, i), g in zip(plain, grads)]
+    _, metrics = run_linear_grad(replay, True)
+    metrics["loss:sum"] = float(loss.detach())
+    metrics.update({k: float(v) for k, v in (user_metrics or {}).items()})
+    return [{"logprobs": lp.detach()} for lp in logprobs], metrics

@@ -1,0 +1,66 @@
+"""Training under tensor parallelism: one ``Trainer`` per rank in WorkerPool processes.
+
+``RemoteTrainer`` has the Trainer methods the API calls and runs each on every rank (the
+ranks execute the same step on their shards; rank 0's answer is returned, every rank's
+being equal). Data travel to the ranks as token lists and small CPU tensors; the user's
+``forward_backward_custom`` function runs in the caller's process between the two fused
+passes (``custom_step``), so it need not be picklable.
+"""
+from __future__ import annotations
+
+from engine.models import add_lora
+from engine.parallel import WorkerPool, load_tp_model
+
+from .trainer import Trainer, custom_step, enable_activation_checkpointing
+
+
+def _setup(ctx, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size):
+    model = load_tp_model(path, ctx.group, dtype=dtype, device=ctx.device)
+    if adapter is not None:
+        add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"])
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None)
+
+
+def _call(trainer, method, *args):
+    return getattr(trainer, method)(*args)
+
+
+class RemoteTrainer:
+    def __init__(self, tp: int, path, *, dtype, adapter: dict | None, scoring: bool, activation_checkpointing: bool,
+                 max_batch_size: int, vocab: int):
+        self.pool = WorkerPool(tp, _setup, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size)
+        self.vocab = vocab
+        self.info = self.pool.run(_call, "describe")[0]
+        self.step = self.info["step"]
+        self.lora, self.value_head = self.info["lora"], (object() if self.info["scoring"] else None)
+
+    def _all(self, method, *args):
+        return self.pool.run(_call, method, *args)[0]
+
+    def run(self, data, loss_fn, loss_fn_config, backward):
+        return self._all("run", data, loss_fn, loss_fn_config, backward)
+
+    def forward_backward_custom(self, data, fn):
+        if self.value_head is not None:
+            raise ValueError("forward_backward_custom needs a language model, not a scoring model")
+        return custom_step(lambda d, backward: self._all("run_linear_grad", d, backward), data, fn)
+
+    def optim_step(self, *hyper):
+        metrics = self._all("optim_step", *hyper)
+        self.step = int(metrics["step"])
+        return metrics
+
+    def save_state(self, folder):
+        return self._all("save_state", folder)
+
+    def load_state(self, path, with_optimizer):
+        self._all("load_state", path, with_optimizer)
+        self.step = self._all("describe")["step"]
+
+    def save_for_sampler(self, source, folder):
+        return self._all("save_for_sampler", source, folder)
+
+    def close(self):
+        self.pool.close()
