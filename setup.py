@@ -10,8 +10,8 @@ from setuptools import setup
 
 def cuda_extension():
     sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
-    if not sources or os.environ.get("ENGINE_NO_CUDA_EXT"):
-        return {}
+    if not glob.glob("csrc/*.cpp") or os.environ.get("ENGINE_NO_CUDA_EXT"):
+        return {}  # no torch binding yet: the .cu kernels are compiled by the tests only
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

@@ -87,3 +87,16 @@ def test_bench_train_smoke(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "train.json").read_text())
     assert data["env"]["torch"] and data["rows"] and data["meta"]["tokens_per_step"] == 4 * 64
 
+
+def test_bench_decode_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_decode import main as bench
+
+    rows = bench(["--smoke"])
+    assert {r["workload"] for r in rows} == {"batch1", "batch32", "mixed", "adapters"}
+    assert any(r["impl"] == "transformers generate" for r in rows)
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    data = json.loads((tmp_path / "decode.json").read_text())
+    assert data["meta"]["preset"] == "tiny" and data["rows"]
+    assert (tmp_path / "decode.png").stat().st_size > 1000

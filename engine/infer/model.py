@@ -1,0 +1,412 @@
+"""InferenceModel: a sampling client over the paged-KV-cache engine.
+
+One background thread owns the model and the cache and runs the loop: take new requests
+and commands, schedule a step (continuous batching, chunked prefill, preemption: see
+scheduler.py), run it (forward.py), sample (sampling.py), hand finished requests their
+results. Callers on any thread or event loop get a :class:`Future` at once; a bad request
+fails its own future and the engine keeps serving the others.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import random
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from engine.models import load_model, set_adapter_stack
+from engine.models.lora import read_peft_adapter
+
+from .cache import KVCache
+from .forward import StepBatch, forward_with_cache
+from .sampling import derive_seed, sample_tokens
+from .scheduler import Request, Scheduler, Seq
+from .types import Future, SampledSequence, SampleResponse, SamplingParams
+
+
+def _as_ints(prompt: Any) -> list[int]:
+    if hasattr(prompt, "to_ints"):
+        prompt = prompt.to_ints()
+    elif hasattr(prompt, "chunks"):
+        prompt = [t for c in prompt.chunks for t in c.tokens]
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.reshape(-1).tolist()
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__"):
+        raise ValueError(f"prompt must be a list of token ids or an object with to_ints(), got {type(prompt).__name__}")
+    out = []
+    for t in prompt:
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise ValueError(f"prompt holds {t!r}, not a token id")
+        out.append(t.__index__())
+    return out
+
+
+class InferenceModel:
+    """Serve a model: ``sample``, ``compute_logprobs``, ``update_weights``.
+
+    Args:
+        model_or_path: a loaded ``Transformer`` (shared, not copied: in-place weight
+            updates are seen by the next step) or a Hugging Face checkpoint folder.
+        max_batch_size: token budget of one step (prefill chunks + decoding tokens).
+        dtype, device: when loading from a path.
+        tokenizer: optional, with ``encode``/``decode``: enables string stop sequences.
+        block_size: tokens per KV-cache block.
+        kv_cache_tokens: cache size in tokens; default: on CUDA ``gpu_memory_fraction`` of
+            the free memory, elsewhere 4 x max_batch_size.
+        max_adapters: slots of the adapter pool (requests naming more distinct adapters at
+            once wait for a slot).
+    """
+
+    def __init__(self, model_or_path, *, max_batch_size: int = 2048, dtype: torch.dtype | None = None, device=None,
+                 tokenizer=None, block_size: int = 16, kv_cache_tokens: int | None = None,
+                 gpu_memory_fraction: float = 0.9, max_adapters: int = 16):
+        if isinstance(model_or_path, (str, Path)):
+            model = load_model(model_or_path, dtype=dtype, device=device)
+        else:
+            model = model_or_path
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int (tokens per step), got {max_batch_size!r}")
+        self.model = model.eval()
+        self.config = model.config
+        self.device = model.embed.weight.device
+        self.tokenizer = tokenizer
+        if kv_cache_tokens is None and self.device.type != "cuda":
+            kv_cache_tokens = 4 * max_batch_size
+        self.cache = KVCache.for_model(model, block_size=block_size, num_tokens=kv_cache_tokens,
+                                       gpu_fraction=gpu_memory_fraction)
+        self.scheduler = Scheduler(self.cache, max_batch_size)
+        self.max_batch_size = max_batch_size
+        self.max_adapters = max_adapters
+        self.version = 0
+        self._adapters: list[str] = []  # slot -> resolved adapter path
+        self._deferred: list[Request] = []  # requests waiting for an adapter slot
+        self._active: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self._inbox: queue.Queue = queue.Queue()
+        self._closed = False
+        self.stats = {"steps": 0, "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self._thread = threading.Thread(target=self._loop, name="engine-infer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+
+    def sample(self, prompt, num_samples: int = 1, sampling_params: SamplingParams | None = None, *,
+               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, adapter=None) -> Future:
+        """Future of a :class:`SampleResponse` with ``num_samples`` continuations of ``prompt``
+        (list of ids, or an object with ``to_ints()``); ``adapter``: a PEFT adapter folder."""
+        fut = Future()
+        try:
+            req = self._make_request(prompt, num_samples, sampling_params or SamplingParams(), fut,
+                                     include_prompt_logprobs, topk_prompt_logprobs, adapter, False)
+        except Exception as e:  # noqa: BLE001 - handed to the caller's future
+            fut._set_exception(e)
+            return fut
+        self._inbox.put(("request", req))
+        return fut
+
+    def compute_logprobs(self, prompt, *, adapter=None) -> Future:
+        """Future of the prompt's per-token logprobs (temperature 1): a list, None at 0."""
+        fut = Future()
+        try:
+            req = self._make_request(prompt, 1, SamplingParams(max_tokens=0), fut, True, 0, adapter, True)
+        except Exception as e:  # noqa: BLE001
+            fut._set_exception(e)
+            return fut
+        self._inbox.put(("request", req))
+        return fut
+
+    async def sample_async(self, *args, **kwargs) -> SampleResponse:
+        return await self.sample(*args, **kwargs)
+
+    async def compute_logprobs_async(self, *args, **kwargs) -> list:
+        return await self.compute_logprobs(*args, **kwargs)
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor] | Iterable | None = None) -> Future:
+        """Copy ``state_dict`` (names as in ``model.state_dict()``; pairs accepted) into the
+        model in place between two steps and bump the weight version; with no argument,
+        only bump it (the weights were changed in place by their owner, e.g. a trainer that
+        shares them). Future of the new version. Sequences in flight keep their cached
+        keys/values; tokens sampled after the update use the new weights."""
+        fut = Future()
+        self._inbox.put(("update", state_dict, fut))
+        return fut
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._inbox.put(("close",))
+            self._thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ validation
+
+    def _make_request(self, prompt, num_samples, params, fut, include_prompt_logprobs, topk, adapter, logprobs_only):
+        if self._closed:
+            raise RuntimeError("InferenceModel is closed")
+        tokens = _as_ints(prompt)
+        if not tokens:
+            raise ValueError("prompt is empty; it needs at least one token")
+        vocab = self.config.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        p = params
+        if not isinstance(p.max_tokens, int) or p.max_tokens < 0:
+            raise ValueError(f"sampling_params.max_tokens must be a non-negative int, got {p.max_tokens!r}")
+        ctx = self.config.max_position_embeddings
+        if len(tokens) + p.max_tokens > ctx:
+            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({p.max_tokens}) exceeds the model's "
+                             f"context of {ctx} tokens")
+        if len(tokens) + p.max_tokens > self.cache.capacity_tokens:
+            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({p.max_tokens}) exceeds the KV cache "
+                             f"({self.cache.capacity_tokens} tokens); raise kv_cache_tokens")
+        if not p.temperature >= 0:
+            raise ValueError(f"sampling_params.temperature must be >= 0, got {p.temperature!r}")
+        if not 0 < p.top_p <= 1:
+            raise ValueError(f"sampling_params.top_p must be in (0, 1], got {p.top_p!r}")
+        if not isinstance(p.top_k, int):
+            raise ValueError(f"sampling_params.top_k must be an int (-1: all), got {p.top_k!r}")
+        if not isinstance(topk, int) or topk < 0:
+            raise ValueError(f"topk_prompt_logprobs must be a non-negative int, got {topk!r}")
+        stops = [] if p.stop is None else [p.stop] if isinstance(p.stop, (int, str)) else list(p.stop)
+        stop_ids = frozenset(s for s in stops if isinstance(s, int) and not isinstance(s, bool))
+        stop_strings = tuple(s for s in stops if isinstance(s, str))
+        if len(stop_ids) + len(stop_strings) != len(stops):
+            raise ValueError(f"sampling_params.stop must hold token ids or strings, got {p.stop!r}")
+        if stop_strings and self.tokenizer is None:
+            raise ValueError("sampling_params.stop holds strings but this model has no tokenizer; pass token ids")
+        if adapter is not None:
+            path = Path(adapter)
+            if not path.is_dir():
+                raise FileNotFoundError(f"adapter {str(adapter)!r}: no such folder (expected a PEFT adapter folder)")
+            adapter = str(path.resolve())
+        seed = p.seed if p.seed is not None else random.getrandbits(63)
+        seeds = [derive_seed(int(seed), i) for i in range(num_samples)]
+        return Request(id=next(self._ids), prompt=tokens, num_samples=num_samples, params=p, stop_ids=stop_ids,
+                       stop_strings=stop_strings, seeds=seeds, future=fut,
+                       include_prompt_logprobs=include_prompt_logprobs, topk_prompt_logprobs=topk,
+                       adapter=adapter, logprobs_only=logprobs_only, submitted=time.perf_counter())
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        while True:
+            busy = not self.scheduler.idle
+            try:
+                item = self._inbox.get(block=not busy and not self._deferred,
+                                       timeout=None if busy or not self._deferred else 0.01)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                if item[0] == "close":
+                    self._fail_all(RuntimeError("InferenceModel was closed"))
+                    return
+                self._handle(item)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = None
+            self._admit_deferred()
+            if self.scheduler.idle:
+                continue
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a bug must not kill the server
+                err = RuntimeError(f"inference step failed: {e!r}\n{traceback.format_exc()}")
+                self._fail_all(err)
+
+    def _handle(self, item) -> None:
+        if item[0] == "request":
+            self._deferred.append(item[1])
+        elif item[0] == "update":
+            _, state, fut = item
+            try:
+                if state is not None:
+                    self._copy_weights(state)
+                self.version += 1
+                fut._set_result(self.version)
+            except Exception as e:  # noqa: BLE001
+                fut._set_exception(e)
+
+    @torch.no_grad()
+    def _copy_weights(self, state) -> None:
+        own = self.model.state_dict()
+        items = state.items() if isinstance(state, dict) else state
+        for name, value in items:
+            if name not in own:
+                raise KeyError(f"update_weights: {name!r} is not a parameter of the model")
+            if tuple(own[name].shape) != tuple(value.shape):
+                raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the model's "
+                                 f"{tuple(own[name].shape)}")
+            own[name].copy_(value)
+
+    def _admit_deferred(self) -> None:
+        still = []
+        for req in self._deferred:
+            try:
+                if req.adapter is not None and req.adapter not in self._adapters and not self._load_adapter(req.adapter):
+                    still.append(req)  # no free slot yet
+                    continue
+            except Exception as e:  # noqa: BLE001 - unreadable adapter: this request only
+                req.future._set_exception(ValueError(f"adapter {req.adapter!r} could not be loaded: {e}"))
+                continue
+            self._active[req.id] = req
+            self.scheduler.add(Seq(req=req, index=0, fork=req.num_samples, tokens=list(req.prompt)))
+        self._deferred = still
+
+    def _load_adapter(self, path: str) -> bool:
+        read_peft_adapter(path)  # validate first: an error leaves the pool as it was
+        slots = list(self._adapters)
+        if len(slots) >= self.max_adapters:
+            used = {r.adapter for r in self._active.values()}
+            free = [i for i, a in enumerate(slots) if a not in used]
+            if not free:
+                return False
+            slots[free[0]] = path
+        else:
+            slots.append(path)
+        set_adapter_stack(self.model, slots)
+        self._adapters = slots
+        return True
+
+    def _fail_all(self, err: Exception) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.drop(seq)
+        for req in list(self._active.values()) + self._deferred:
+            req.future._set_exception(err)
+        self._active.clear()
+        self._deferred = []
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        self.stats["preemptions"] = self.scheduler.num_preemptions
+        if not plan:
+            return
+        plan.sort(key=lambda sn: sn[1] != 1)  # one-token chunks first: they take the paged kernel
+        chunks = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks) for seq, n in plan]
+        ids = None
+        if self._adapters:
+            ids = [self._adapters.index(seq.req.adapter) if seq.req.adapter else -1 for seq, _ in plan]
+        batch = StepBatch.build(chunks, self.cache.block_size, self.device, ids)
+        hidden = forward_with_cache(self.model, self.cache, batch)
+        self.stats["steps"] += 1
+        offsets = list(itertools.accumulate((n for _, n in plan), initial=0))
+        # Prompt logprobs (leaders that asked for them), then the sampling rows.
+        for (seq, n), start in zip(plan, offsets):
+            req = seq.req
+            if seq.index == 0 and seq.num_cached < len(req.prompt) - 1 and (req.prompt_logprobs is not None or req.topk):
+                self._prompt_logprobs(seq, hidden[start:start + n], seq.num_cached, n)
+        rows, owners = [], []
+        for (seq, n), start in zip(plan, offsets):
+            kind = "decode_tokens" if n == 1 and seq.num_cached == len(seq.tokens) - 1 and seq.num_generated else "prefill_tokens"
+            self.stats[kind] += n
+            seq.num_cached += n
+            if seq.num_cached < len(seq.tokens):
+                continue  # prefill continues next step
+            if seq.req.params.max_tokens == 0:
+                self._finish_request_zero(seq)
+                continue
+            rows.append(start + n - 1)
+            owners.append(seq)
+        if not rows:
+            return
+        logits = self.model.compute_logits(hidden[rows]).float()
+        expand, temps, ks, ps, seeds, steps = [], [], [], [], [], []
+        for r, seq in enumerate(owners):
+            p = seq.req.params
+            for i in range(seq.index, seq.index + seq.fork):
+                expand.append(r)
+                temps.append(float(p.temperature))
+                ks.append(int(p.top_k))
+                ps.append(float(p.top_p))
+                seeds.append(seq.req.seeds[i])
+                steps.append(seq.num_generated)
+        truncate = any(0 < k < self.config.vocab_size for k in ks) or any(p < 1.0 for p in ps)
+        dev = logits.device
+        tok, lp, raw = sample_tokens(
+            logits[torch.tensor(expand, device=dev)], torch.tensor(temps, device=dev),
+            torch.tensor(ks, dtype=torch.int64, device=dev), torch.tensor(ps, device=dev),
+            torch.tensor(seeds, dtype=torch.int64, device=dev), torch.tensor(steps, dtype=torch.int64, device=dev),
+            truncate=truncate)
+        out = torch.stack([tok.double(), lp.double(), raw.double()], 1).tolist()  # the step's one host sync
+        now = time.perf_counter()
+        k = 0
+        for seq in owners:
+            if seq.req.first_token is None:
+                seq.req.first_token = now
+            draws = out[k:k + seq.fork]
+            k += seq.fork
+            if seq.fork > 1:
+                samples = self.scheduler.fork(seq, [(int(t), a, b) for t, a, b in draws], self.version)
+            else:
+                t, a, b = draws[0]
+                seq.tokens.append(int(t))
+                seq.logprobs.append(a)
+                seq.raw_logprobs.append(b)
+                if seq.version is None:
+                    seq.version = self.version
+                samples = [seq]
+            for s in samples:
+                self._check_done(s)
+
+    def _prompt_logprobs(self, seq: Seq, hidden: torch.Tensor, start: int, n: int) -> None:
+        req = seq.req
+        end = min(start + n, len(req.prompt) - 1)  # positions whose next token is in the prompt
+        if end <= start:
+            return
+        logp = self.model.compute_logits(hidden[:end - start]).float().log_softmax(-1)
+        targets = torch.tensor(req.prompt[start + 1:end + 1], device=logp.device)
+        lps = logp.gather(1, targets[:, None])[:, 0].tolist()
+        if req.prompt_logprobs is not None:
+            req.prompt_logprobs[start + 1:end + 1] = lps
+        if req.topk:
+            vals, idx = logp.topk(min(req.topk_prompt_logprobs, logp.shape[-1]), dim=-1)
+            for j, (v, i) in enumerate(zip(vals.tolist(), idx.tolist())):
+                req.topk[start + 1 + j] = list(zip(i, v))
+
+    def _check_done(self, seq: Seq) -> None:
+        req = seq.req
+        reason = None
+        last = seq.tokens[-1]
+        if last in req.stop_ids:
+            reason = "stop"
+        elif req.stop_strings:
+            text = self.tokenizer.decode(seq.tokens[len(req.prompt):])
+            if any(s in text for s in req.stop_strings):
+                reason = "stop"
+        if reason is None and seq.num_generated >= req.params.max_tokens:
+            reason = "length"
+        if reason is None:
+            return
+        self.scheduler.drop(seq)
+        req.results[seq.index] = seq.result(reason)
+        req.pending -= 1
+        if req.pending == 0:
+            self._active.pop(req.id, None)
+            metrics = {"time_to_first_token_s": req.first_token - req.submitted,
+                       "latency_s": time.perf_counter() - req.submitted}
+            req.future._set_result(SampleResponse(sequences=req.results, prompt_logprobs=req.prompt_logprobs,
+                                                  topk_prompt_logprobs=req.topk, metrics=metrics))
+
+    def _finish_request_zero(self, seq: Seq) -> None:
+        """max_tokens == 0 (compute_logprobs): nothing to sample."""
+        req = seq.req
+        self.scheduler.drop(seq)
+        self._active.pop(req.id, None)
+        if req.logprobs_only:
+            req.future._set_result(req.prompt_logprobs)
+        else:
+            empty = [SampledSequence([], [], "length", [], self.version) for _ in range(req.num_samples)]
+            req.future._set_result(SampleResponse(empty, req.prompt_logprobs, req.topk))

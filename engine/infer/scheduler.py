@@ -1,0 +1,194 @@
+"""Continuous batching over the paged KV cache (host side only).
+
+Every step the scheduler packs at most ``token_budget`` new tokens: first the running
+sequences, oldest first (a decoding one needs 1 token, one mid-prefill its next chunk),
+then waiting sequences in arrival order, as long as blocks are free; a prompt longer than
+what is left of the budget is prefilled in chunks over several steps.
+
+Preemption: when a running sequence needs a block and none is free, the newest running
+sequence not yet packed in this step is preempted (its blocks freed, its tokens kept) and
+goes back to the waiting queue; it is recomputed later by prefilling its prompt plus what
+it had generated. The newest may be the sequence itself. Since a request is only accepted
+when its prompt plus max_tokens fits in the whole cache, the oldest sequence always makes
+progress: no out-of-memory, no deadlock.
+
+Samples of one prompt: the request enters as one *leader* sequence that prefills the
+prompt once; when its prefill completes, its last logits give the first token of every
+sample and it forks: the clones share the prompt's full blocks (refcounts) and get a copy
+of the partial last block (copy-on-write at fork time). A clone that finds no free block
+for that copy waits and recomputes its prompt.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .cache import KVCache
+from .types import Future, SampledSequence, SamplingParams
+
+
+@dataclass
+class Request:
+    """One ``sample`` call."""
+
+    id: int
+    prompt: list[int]
+    num_samples: int
+    params: SamplingParams
+    stop_ids: frozenset
+    stop_strings: tuple
+    seeds: list[int]
+    future: Future
+    include_prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    adapter: str | None = None
+    logprobs_only: bool = False  # compute_logprobs: resolve with prompt_logprobs
+    results: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
+    topk: list | None = None
+    pending: int = 0
+    submitted: float = 0.0  # time.perf_counter() at submission
+    first_token: float | None = None
+
+    def __post_init__(self):
+        self.results = [None] * self.num_samples
+        self.pending = self.num_samples
+        if self.include_prompt_logprobs or self.logprobs_only:
+            self.prompt_logprobs = [None] * len(self.prompt)
+        if self.topk_prompt_logprobs > 0:
+            self.topk = [None] * len(self.prompt)
+
+
+@dataclass
+class Seq:
+    """One sample of a request (or the leader that prefills the prompt for ``fork`` samples)."""
+
+    req: Request
+    index: int
+    fork: int
+    tokens: list[int]
+    num_cached: int = 0
+    blocks: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    raw_logprobs: list[float] = field(default_factory=list)
+    version: int | None = None
+
+    @property
+    def arrival(self) -> tuple[int, int]:
+        return (self.req.id, self.index)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - len(self.req.prompt)
+
+    def result(self, reason: str) -> SampledSequence:
+        return SampledSequence(tokens=self.tokens[len(self.req.prompt):], logprobs=self.logprobs, stop_reason=reason,
+                               raw_logprobs=self.raw_logprobs, weight_version=self.version or 0)
+
+
+class Scheduler:
+    def __init__(self, cache: KVCache, token_budget: int):
+        self.cache = cache
+        self.alloc = cache.allocator
+        self.token_budget = token_budget
+        self.running: list[Seq] = []  # sorted by arrival
+        self.waiting: list[Seq] = []  # sorted by arrival
+        self.num_preemptions = 0
+
+    def add(self, seq: Seq) -> None:
+        bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    def _grow(self, seq: Seq, num_tokens: int) -> bool:
+        """Give ``seq`` blocks for ``num_tokens`` tokens; False when not enough are free."""
+        extra = self.cache.blocks_needed(num_tokens) - len(seq.blocks)
+        if extra <= 0:
+            return True
+        if extra > self.alloc.num_free:
+            return False
+        seq.blocks += self.alloc.allocate(extra)
+        return True
+
+    def release(self, seq: Seq) -> None:
+        self.alloc.free(seq.blocks)
+        seq.blocks = []
+
+    def preempt(self, seq: Seq) -> None:
+        self.release(seq)
+        seq.num_cached = 0
+        self.running.remove(seq)
+        self.add(seq)
+        self.num_preemptions += 1
+
+    def drop(self, seq: Seq) -> None:
+        """Remove a finished or failed sequence and free its blocks."""
+        self.release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def schedule(self) -> list[tuple[Seq, int]]:
+        """The (sequence, number of new tokens) pairs of the next step, blocks allocated."""
+        budget = self.token_budget
+        plan: list[tuple[Seq, int]] = []
+        planned: set[int] = set()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:
+                continue  # preempted by an older sequence in this loop
+            n = min(len(seq.tokens) - seq.num_cached, budget)
+            while not self._grow(seq, seq.num_cached + n):
+                victim = next(s for s in reversed(self.running) if id(s) not in planned)
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                plan.append((seq, n))
+                planned.add(id(seq))
+                budget -= n
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            n = min(len(seq.tokens) - seq.num_cached, budget, self.alloc.num_free * self.cache.block_size)
+            if n <= 0:
+                break
+            self.waiting.pop(0)
+            self._grow(seq, seq.num_cached + n)
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            plan.append((seq, n))
+            planned.add(id(seq))
+            budget -= n
+        return plan
+
+    def fork(self, leader: Seq, firsts: list[tuple[int, float, float]], version: int) -> list[Seq]:
+        """After the leader's prefill: the samples 0..fork-1, each with its first token
+        (token, logprob, raw logprob). Sample 0 is the leader itself."""
+        seqs = [leader]
+        n_prompt = leader.num_cached
+        full = n_prompt // self.cache.block_size
+        partial = n_prompt % self.cache.block_size != 0
+        for i in range(1, leader.fork):
+            clone = Seq(req=leader.req, index=i, fork=1, tokens=list(leader.tokens))
+            if not partial or self.alloc.num_free > 0:
+                self.alloc.share(leader.blocks[:full])
+                clone.blocks = list(leader.blocks[:full])
+                if partial:
+                    (blk,) = self.alloc.allocate(1)
+                    self.cache.copy_blocks([leader.blocks[full]], [blk])
+                    clone.blocks.append(blk)
+                clone.num_cached = n_prompt
+                bisect.insort(self.running, clone, key=lambda s: s.arrival)
+            else:
+                self.add(clone)  # recomputes its prompt when blocks free up
+            seqs.append(clone)
+        leader.fork = 1
+        for seq, (tok, lp, raw) in zip(seqs, firsts):
+            seq.tokens.append(tok)
+            seq.logprobs.append(lp)
+            seq.raw_logprobs.append(raw)
+            seq.version = version
+        return seqs
