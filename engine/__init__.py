@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 _API = ("AdamParams", "Datum", "ForwardBackwardOutput", "Future", "ModelBuilder", "ModelInput", "OptimStepOutput",
         "TrainingModel", "model", "register_model")
+_INFER = ("InferenceModel", "SampleResponse", "SampledSequence", "SamplingParams")
 
 
 def __getattr__(name):
@@ -11,7 +12,11 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name in _INFER:
+        from . import infer
+
+        return getattr(infer, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 
-__all__ = list(_API)
+__all__ = list(_API + _INFER)

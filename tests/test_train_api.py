@@ -368,3 +368,41 @@ def test_tp2_training_equals_tp1(checkpoint, tmp_path, lora):
         # Adam divides by sqrt(v): where a gradient is ~0 its float rounding (which differs
         # between the sharded and unsharded sums) moves the weight by a fraction of lr.
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=0.1 * adam.learning_rate)
+
+
+def test_sampling_clients_follow_training(llama, tmp_path):
+    """A client from the TrainingModel shares its weights (adapter included) and follows each
+    optim_step with a new weight version; create_sampling_client serves a saved adapter;
+    spawn_inference serves the base model."""
+    trainer = engine.model(llama).with_adapter(rank=4, alpha=8).spawn_train(max_batch_size=64)
+    data = _data(seed=9)
+    prompt = engine.ModelInput.from_ints(data[2].model_input.to_ints())
+    try:
+        sampler = trainer.save_weights_and_get_sampling_client()
+        trained_lp = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+
+        def client_lp(client):
+            tokens = prompt.to_ints() + [int(data[2].loss_fn_inputs["target_tokens"][-1])]
+            return torch.tensor(client.compute_logprobs(tokens).result()[1:])
+
+        torch.testing.assert_close(client_lp(sampler), trained_lp.float(), rtol=1e-4, atol=1e-4)
+        before = sampler.sample(prompt, 1, engine.SamplingParams(max_tokens=3, temperature=0.0)).result()
+        for _ in range(2):
+            trainer.forward_backward(data, "cross_entropy")
+            trainer.optim_step(engine.AdamParams(5e-2)).result()
+        after = sampler.sample(prompt, 1, engine.SamplingParams(max_tokens=3, temperature=0.0)).result()
+        assert after.sequences[0].weight_version > before.sequences[0].weight_version
+        trained_lp = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        torch.testing.assert_close(client_lp(sampler), trained_lp.float(), rtol=1e-4, atol=1e-4)
+        saved = trainer.save_weights_for_sampler(str(tmp_path / "adapter")).result()
+        client = trainer.create_sampling_client(saved)
+        torch.testing.assert_close(client_lp(client), trained_lp.float(), rtol=1e-4, atol=1e-4)
+        client.close()
+    finally:
+        trainer.close()
+    base = engine.model(llama).spawn_inference(max_batch_size=64)
+    try:
+        out = base.sample(prompt, 2, engine.SamplingParams(max_tokens=4, seed=1)).result()
+        assert len(out.sequences) == 2 and all(len(s.tokens) == 4 for s in out.sequences)
+    finally:
+        base.close()

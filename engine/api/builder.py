@@ -152,9 +152,37 @@ class ModelBuilder:
                 "activation_checkpointing": self._activation_checkpointing}
         return TrainingModel(trainer, source=self._path, checkpoint_dir=Path(checkpoint_dir), info=info)
 
+    def spawn_inference(self, max_batch_size: int = 2048, **kwargs):
+        """Serve the base model (``engine.infer.InferenceModel``: continuous batching over a
+        paged KV cache). Requests name their LoRA adapter (a PEFT folder) with ``adapter=``;
+        ``kwargs`` go to InferenceModel (kv_cache_tokens, block_size, max_adapters, ...)."""
+        dtype, device = self._check(max_batch_size)
+        if self._tp > 1:
+            raise NotImplementedError(f"tp={self._tp}: the inference engine runs on one rank (tp=1) for now")
+        if self._adapter is not None or self._scoring:
+            raise ValueError("with_adapter / into_scoring_model are for training; name an adapter per request "
+                             "(sample(..., adapter=path)) or use create_sampling_client")
+        from engine.infer import InferenceModel
+
+        return InferenceModel(self._path, max_batch_size=max_batch_size, dtype=dtype, device=device,
+                              tokenizer=_tokenizer(self._path), **kwargs)
+
+    async def spawn_inference_async(self, max_batch_size: int = 2048, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(self.spawn_inference, max_batch_size, **kwargs))
+
     async def spawn_train_async(self, max_batch_size: int, **kwargs) -> TrainingModel:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, functools.partial(self.spawn_train, max_batch_size, **kwargs))
+
+
+def _tokenizer(path: Path):
+    """The checkpoint's tokenizer when it ships one (enables string stop sequences)."""
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def model(path_or_name: str | Path) -> ModelBuilder:

@@ -28,6 +28,7 @@ class TrainingModel:
         self._checkpoint_dir = checkpoint_dir
         self._info = info
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-train")
+        self._sampler = None  # the sampling client sharing this model's weights
 
     def _submit(self, fn: Callable, *args) -> Future:
         return Future(self._executor.submit(fn, *args))
@@ -113,9 +114,12 @@ class TrainingModel:
                     raise ValueError(f"adam_params must be an AdamParams, missing {name!r}")
             if not p.learning_rate >= 0:
                 raise ValueError(f"adam_params.learning_rate must be >= 0, got {p.learning_rate!r}")
-            return OptimStepOutput(self._trainer.optim_step(
+            out = OptimStepOutput(self._trainer.optim_step(
                 float(p.learning_rate), float(p.beta1), float(p.beta2), float(p.eps), float(p.weight_decay),
                 float(p.grad_clip_norm or 0.0)))
+            if self._sampler is not None:  # the weights it shares changed in place
+                self._sampler.update_weights().result()
+            return out
         return self._submit(call)
 
     def _path(self, name: str) -> Path:
@@ -139,6 +143,39 @@ class TrainingModel:
         """A PEFT adapter folder under LoRA, else a folder that transformers loads."""
         return self._submit(lambda: str(self._trainer.save_for_sampler(self._source, self._path(name))))
 
+    def save_weights_and_get_sampling_client(self, name: str | None = None, **kwargs):
+        """A sampling client (``engine.infer.InferenceModel``) that shares this model's
+        weights, adapter included, without a copy: after each ``optim_step`` it samples from
+        the new weights and its version (``SampledSequence.weight_version``) increases. With
+        ``name``, the weights are also saved for a sampler first. One client per model;
+        ``kwargs`` (kv_cache_tokens, ...) apply when it is first made."""
+        if name is not None:
+            self.save_weights_for_sampler(name).result()
+        if self._sampler is None:
+            model = getattr(self._trainer, "model", None)
+            if model is None:
+                raise NotImplementedError("a sampling client of a tensor-parallel (tp > 1) training model is not "
+                                          "supported yet; save_weights_for_sampler then create_sampling_client")
+            if self._trainer.value_head is not None:
+                raise ValueError("a scoring model has no sampler")
+            from engine.infer import InferenceModel
+
+            kwargs.setdefault("gpu_memory_fraction", 0.3)  # it shares the GPU with training
+            self._sampler = InferenceModel(model, max_batch_size=kwargs.pop("max_batch_size", 2048), **kwargs)
+        return self._sampler
+
+    def create_sampling_client(self, path: str, **kwargs):
+        """A sampling client of weights saved by ``save_weights_for_sampler``: a PEFT adapter
+        folder (served on this model's base checkpoint) or a full Hugging Face folder."""
+        from engine.infer import InferenceModel
+
+        folder = Path(path)
+        if (folder / "adapter_config.json").is_file():
+            return InferenceModel(self._source, adapter=str(folder), **kwargs)
+        if (folder / "config.json").is_file():
+            return InferenceModel(folder, **kwargs)
+        raise FileNotFoundError(f"path {str(path)!r}: neither a PEFT adapter folder nor a Hugging Face model folder")
+
     def get_info(self) -> dict[str, Any]:
         return {**self._info, "step": self._trainer.step}
 
@@ -152,6 +189,8 @@ class TrainingModel:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        if self._sampler is not None:
+            self._sampler.close()
         if hasattr(self._trainer, "close"):
             self._trainer.close()
 

@@ -60,11 +60,13 @@ class InferenceModel:
             the free memory, elsewhere 4 x max_batch_size.
         max_adapters: slots of the adapter pool (requests naming more distinct adapters at
             once wait for a slot).
+        adapter: PEFT adapter folder served to requests that name none (a sampling client
+            of a trained adapter).
     """
 
     def __init__(self, model_or_path, *, max_batch_size: int = 2048, dtype: torch.dtype | None = None, device=None,
                  tokenizer=None, block_size: int = 16, kv_cache_tokens: int | None = None,
-                 gpu_memory_fraction: float = 0.9, max_adapters: int = 16):
+                 gpu_memory_fraction: float = 0.9, max_adapters: int = 16, adapter=None):
         if isinstance(model_or_path, (str, Path)):
             model = load_model(model_or_path, dtype=dtype, device=device)
         else:
@@ -82,6 +84,7 @@ class InferenceModel:
         self.scheduler = Scheduler(self.cache, max_batch_size)
         self.max_batch_size = max_batch_size
         self.max_adapters = max_adapters
+        self.default_adapter = adapter
         self.version = 0
         self._adapters: list[str] = []  # slot -> resolved adapter path
         self._deferred: list[Request] = []  # requests waiting for an adapter slot
@@ -100,6 +103,7 @@ class InferenceModel:
         """Future of a :class:`SampleResponse` with ``num_samples`` continuations of ``prompt``
         (list of ids, or an object with ``to_ints()``); ``adapter``: a PEFT adapter folder."""
         fut = Future()
+        adapter = self.default_adapter if adapter is None else adapter
         try:
             req = self._make_request(prompt, num_samples, sampling_params or SamplingParams(), fut,
                                      include_prompt_logprobs, topk_prompt_logprobs, adapter, False)
@@ -112,6 +116,7 @@ class InferenceModel:
     def compute_logprobs(self, prompt, *, adapter=None) -> Future:
         """Future of the prompt's per-token logprobs (temperature 1): a list, None at 0."""
         fut = Future()
+        adapter = self.default_adapter if adapter is None else adapter
         try:
             req = self._make_request(prompt, 1, SamplingParams(max_tokens=0), fut, True, 0, adapter, True)
         except Exception as e:  # noqa: BLE001
