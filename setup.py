@@ -21,7 +21,8 @@ def cuda_extension():
     if torch.version.cuda is None or CUDA_HOME is None:
         print("engine: no CUDA toolkit or CPU-only torch; installing without the CUDA extension")
         return {}
-    nvcc = ["-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    # No --use_fast_math: the sampling kernel's logf/expf must round like its torch twin.
+    nvcc = ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
     ext = CUDAExtension("kernels._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc})
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 

@@ -1,9 +1,11 @@
 """Inference: paged KV cache, continuous batching, sampling (see model.py)."""
 from .cache import BlockAllocator, KVCache
+from .cuda_graphs import DecodeGraphs, pad_decode_inputs
 from .forward import StepBatch, forward_with_cache
 from .model import InferenceModel
 from .sampling import sample_tokens
 from .types import Future, SampledSequence, SampleResponse, SamplingParams
 
-__all__ = ["BlockAllocator", "Future", "InferenceModel", "KVCache", "SampleResponse", "SampledSequence",
-           "SamplingParams", "StepBatch", "forward_with_cache", "sample_tokens"]
+__all__ = ["BlockAllocator", "DecodeGraphs", "Future", "InferenceModel", "KVCache", "SampleResponse", "SampledSequence",
+           "SamplingParams", "StepBatch", "forward_with_cache", "pad_decode_inputs",
+           "sample_tokens"]

@@ -23,8 +23,10 @@ from engine.models import load_model, set_adapter_stack
 from engine.models.lora import read_peft_adapter
 
 from .cache import KVCache
+from .cuda_graphs import DecodeGraphs
 from .forward import StepBatch, forward_with_cache
-from .sampling import derive_seed, sample_tokens
+from .sampling import derive_seed
+from .sampling_op import sample_tokens
 from .scheduler import Request, Scheduler, Seq
 from .types import Future, SampledSequence, SampleResponse, SamplingParams
 
@@ -62,11 +64,14 @@ class InferenceModel:
             once wait for a slot).
         adapter: PEFT adapter folder served to requests that name none (a sampling client
             of a trained adapter).
+        use_cuda_graphs: on CUDA, replay captured graphs for decode-only steps without
+            adapters (cuda_graphs.py; captured on the first such step). Ignored elsewhere.
     """
 
     def __init__(self, model_or_path, *, max_batch_size: int = 2048, dtype: torch.dtype | None = None, device=None,
                  tokenizer=None, block_size: int = 16, kv_cache_tokens: int | None = None,
-                 gpu_memory_fraction: float = 0.9, max_adapters: int = 16, adapter=None):
+                 gpu_memory_fraction: float = 0.9, max_adapters: int = 16, adapter=None,
+                 use_cuda_graphs: bool = True):
         if isinstance(model_or_path, (str, Path)):
             model = load_model(model_or_path, dtype=dtype, device=device)
         else:
@@ -82,6 +87,10 @@ class InferenceModel:
         self.cache = KVCache.for_model(model, block_size=block_size, num_tokens=kv_cache_tokens,
                                        gpu_fraction=gpu_memory_fraction)
         self.scheduler = Scheduler(self.cache, max_batch_size)
+        self._graphs = None
+        if use_cuda_graphs and self.device.type == "cuda":
+            max_blocks = min(self.cache.num_blocks, self.cache.blocks_needed(self.config.max_position_embeddings))
+            self._graphs = DecodeGraphs(model, self.cache, max_blocks)
         self.max_batch_size = max_batch_size
         self.max_adapters = max_adapters
         self.default_adapter = adapter
@@ -283,6 +292,8 @@ class InferenceModel:
         else:
             slots.append(path)
         set_adapter_stack(self.model, slots)
+        if self._graphs is not None:
+            self._graphs.reset()  # the projections may be new modules
         self._adapters = slots
         return True
 
@@ -305,7 +316,9 @@ class InferenceModel:
         if self._adapters:
             ids = [self._adapters.index(seq.req.adapter) if seq.req.adapter else -1 for seq, _ in plan]
         batch = StepBatch.build(chunks, self.cache.block_size, self.device, ids)
-        hidden = forward_with_cache(self.model, self.cache, batch)
+        hidden = None if self._graphs is None else self._graphs.run(batch)
+        if hidden is None:
+            hidden = forward_with_cache(self.model, self.cache, batch)
         self.stats["steps"] += 1
         offsets = list(itertools.accumulate((n for _, n in plan), initial=0))
         # Prompt logprobs (leaders that asked for them), then the sampling rows.
