@@ -31,7 +31,12 @@ class TrainingModel:
         self._sampler = None  # the sampling client sharing this model's weights
 
     def _submit(self, fn: Callable, *args) -> Future:
-        return Future(self._executor.submit(fn, *args))
+        def call():
+            if self._sampler is None:
+                return fn(*args)
+            # A sampling client shares the weights: train between its steps, never during one.
+            return self._sampler.run_between_steps(lambda: fn(*args)).result()
+        return Future(self._executor.submit(call))
 
     # -- inputs -------------------------------------------------------------------------------
     def _prepare(self, data, required: tuple[str, ...], optional: dict[str, float]):
@@ -117,8 +122,8 @@ class TrainingModel:
             out = OptimStepOutput(self._trainer.optim_step(
                 float(p.learning_rate), float(p.beta1), float(p.beta2), float(p.eps), float(p.weight_decay),
                 float(p.grad_clip_norm or 0.0)))
-            if self._sampler is not None:  # the weights it shares changed in place
-                self._sampler.update_weights().result()
+            if self._sampler is not None:  # the weights it shares changed in place: new version
+                self._sampler.update_weights()
             return out
         return self._submit(call)
 

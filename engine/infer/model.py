@@ -150,6 +150,14 @@ class InferenceModel:
         self._inbox.put(("update", state_dict, fut))
         return fut
 
+    def run_between_steps(self, fn) -> Future:
+        """Run ``fn()`` on the engine's thread between two steps (no step is in flight);
+        future of its result. A trainer sharing this model's weights runs its work this way,
+        so a decode step never sees half-updated weights."""
+        fut = Future()
+        self._inbox.put(("call", fn, fut))
+        return fut
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -244,6 +252,12 @@ class InferenceModel:
     def _handle(self, item) -> None:
         if item[0] == "request":
             self._deferred.append(item[1])
+        elif item[0] == "call":
+            _, fn, fut = item
+            try:
+                fut._set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller
+                fut._set_exception(e)
         elif item[0] == "update":
             _, state, fut = item
             try:

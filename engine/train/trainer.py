@@ -106,6 +106,7 @@ class Trainer:
             total += loss
             for i, o in outs:
                 outputs[i] = o
+        self.model.eval()  # a sampler sharing the model must not see training-mode dropout
         key = "values" if self.value_head is not None else "logprobs"
         for i in dropped:
             outputs[i] = {key: torch.full((len(data[i][0]),), float("nan"))}
