@@ -159,10 +159,9 @@ class _Problem:
         self.n, self.v = x.shape[0], weight.shape[0]
         group = opts.process_group
         if group is not None:
-            sizes = vocab_sizes(self.v, group)
-            self.vocab_start, self.vocab_total = sum(sizes[: dist.get_rank(group)]), sum(sizes)
+            self.vocab_start = sum(vocab_sizes(self.v, group)[: dist.get_rank(group)])
         else:
-            self.vocab_start, self.vocab_total = 0, self.v
+            self.vocab_start = 0
         self.valid = targets != opts.ignore_index
         self.rows = chunk_rows(self.n, self.v, x.shape[1], x.element_size())
         self.inv_temp = 1.0 / opts.temperature
