@@ -5,7 +5,9 @@ The interpreter runs kernels as numpy code, so it cannot catch what only the com
 on small CPU tensors with ``JITFunction.run`` replaced by "compile for sm_90 and record",
 so every kernel and every specialisation the launchers choose goes through the real
 compiler. Run by tests/test_triton_compile.py in a subprocess (TRITON_INTERPRET unset).
-Prints one line per compiled kernel and exits 1 if any failed to compile.
+Prints one line per compiled kernel and exits 1 if any failed to compile. To check the
+GPU image's Triton too: ``pip install --no-deps --target /tmp/t36 triton==3.6.0`` then
+``PYTHONPATH=/tmp/t36 python tests/triton_compile_check.py`` (done on 2026-11-23: 0 failed).
 """
 import inspect
 import os
