@@ -6,13 +6,13 @@ input with ``to_ints()`` or ``chunks`` of ``tokens``, loss inputs with ``to_torc
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from engine.infer.types import Future  # noqa: F401 - re-exported: one future type for training and sampling
 
 
 @dataclass
@@ -117,27 +117,3 @@ class ForwardBackwardOutput:
 @dataclass
 class OptimStepOutput:
     metrics: dict[str, float]
-
-
-class Future:
-    """The result of a call that runs on the model's worker thread: ``.result(timeout)``,
-    ``await fut`` or ``await fut.result_async()``. An exception raised by the call is
-    re-raised here; the model stays usable."""
-
-    def __init__(self, inner: concurrent.futures.Future):
-        self._inner = inner
-
-    def result(self, timeout: float | None = None):
-        return self._inner.result(timeout)
-
-    def done(self) -> bool:
-        return self._inner.done()
-
-    def exception(self, timeout: float | None = None):
-        return self._inner.exception(timeout)
-
-    async def result_async(self):
-        return await asyncio.wrap_future(self._inner)
-
-    def __await__(self):
-        return self.result_async().__await__()
