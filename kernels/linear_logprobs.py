@@ -1,9 +1,11 @@
 """Per-token log-probabilities and cross-entropy straight from hidden states and the LM
 head (DESIGN.md: "everything is per-token logprobs").
 
-This module holds the public ops and their torch reference backend (``impl="torch"``),
-which defines the semantics every faster backend must reproduce. The reference builds the
-full logits for the rows it is given, so it is meant for CPU, tests and small inputs.
+This module holds the public ops (``linear_logprobs``, ``linear_cross_entropy``,
+``linear_token_loss``) and their torch reference backend (``impl="torch"``), which defines
+the semantics the Triton backend (``linear_logprobs_triton.py``: chunked, never more than
+one chunk of logits alive) reproduces. The reference builds the full logits for the rows
+it is given, so it is meant for CPU, tests and small inputs.
 
 Scores of one row: ``s = softcap(x @ weight.T + bias) / temperature`` in float32, where
 ``softcap(z) = c * tanh(z / c)``. Per token: ``logprob = s[target] - lse``,
