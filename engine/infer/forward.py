@@ -24,7 +24,6 @@ import torch
 
 import kernels
 from engine.models.lora import project
-from engine.models.transformer import rotate_half
 
 from .cache import KVCache
 
@@ -107,14 +106,7 @@ class StepBatch:
 
 
 def _attention(attn, x, cos, sin, layer: int, cache: KVCache, batch: StepBatch) -> torch.Tensor:
-    t = x.shape[0]
-    kv_size = attn.qkv.out_features // (attn.kv_ratio + 2)
-    q, k, v = project(attn.qkv, x, batch.adapter_ids).split([kv_size * attn.kv_ratio, kv_size, kv_size], dim=-1)
-    q, k, v = (z.view(t, -1, attn.head_dim) for z in (q, k, v))
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    q, k, v = attn.qkv_rope(x, cos, sin, batch.adapter_ids)
     k_cache, v_cache = cache.k[layer], cache.v[layer]
     kernels.append_kv(k_cache, v_cache, k, v, batch.slot_mapping)
     scale = attn.head_dim ** -0.5
@@ -134,7 +126,7 @@ def _attention(attn, x, cos, sin, layer: int, cache: KVCache, batch: StepBatch) 
             dec = kernels.paged_attention(q[:nd], k_cache, v_cache, batch.block_table[:nd], batch.seq_lens[:nd],
                                           softmax_scale=scale, window=attn.window)
             out = torch.cat([dec, pre])
-    return project(attn.o, out.reshape(t, -1), batch.adapter_ids)
+    return project(attn.o, out.reshape(x.shape[0], -1), batch.adapter_ids)
 
 
 @torch.no_grad()

@@ -69,20 +69,24 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, adapter_ids=None):
+    def qkv_rope(self, x, cos, sin, adapter_ids=None):
+        """q [T, Hq, D], k and v [T, Hkv, D] of x, with the q/k norms and RoPE applied (the
+        part of attention shared by training and cached decoding, engine/infer)."""
         t = x.shape[0]
         kv_size = self.qkv.out_features // (self.kv_ratio + 2)
         q, k, v = project(self.qkv, x, adapter_ids).split([kv_size * self.kv_ratio, kv_size, kv_size], dim=-1)
         q, k, v = (z.view(t, -1, self.head_dim) for z in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, adapter_ids=None):
+        q, k, v = self.qkv_rope(x, cos, sin, adapter_ids)
         out = kernels.varlen_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
             causal=True, softmax_scale=self.head_dim**-0.5, window=self.window,
         )
-        return project(self.o, out.reshape(t, -1), adapter_ids)
+        return project(self.o, out.reshape(x.shape[0], -1), adapter_ids)
 
 
 class MLP(nn.Module):
