@@ -17,7 +17,7 @@ our q/k/v and gate/up are fused projections, so their adapters are fused too, ex
 A sub-projection that an adapter does not target (PEFT's common ``["q_proj", "v_proj"]``)
 keeps zero A and B rows: it adds nothing, gets zero gradients and is not exported.
 
-Tensor parallelism (engine/parallel marks each sharded projection with ``tp_mode``
+Tensor parallelism (engine/parallel makes each sharded projection a LoRALinear with ``tp_mode``
 "column" or "row" and ``tp_group``): the rank dimension is never split. A column-parallel
 projection (qkv, gate_up) holds the whole A and its rows of each block of B; a row-parallel
 one (o, down) holds its columns of A and the whole B. The replicated factor's gradient is
@@ -74,7 +74,9 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear with an optional trainable adapter and an optional multi-adapter stack.
+    """nn.Linear with an optional trainable adapter and an optional multi-adapter stack,
+    which also runs the collectives of a tensor-parallel shard (``tp_mode`` "column": the
+    input's gradient summed over ``tp_group``; "row": the outputs summed, the bias added once).
 
     ``blocks``: output sizes of the fused sub-projections (their sum is out_features).
     """
@@ -159,7 +161,7 @@ def project(layer: nn.Module, x: torch.Tensor, adapter_ids: torch.Tensor | None 
     return layer(x)
 
 
-def _projections(model):
+def projections(model):
     """(layer index, our projection name, parent module, attribute, blocks) for every projection."""
     for i, block in enumerate(model.layers):
         attn = block.attn
@@ -207,7 +209,7 @@ def add_lora(model, rank: int, alpha: float, targets=("qkv", "o", "gate_up", "do
     config = LoRAConfig(rank, float(alpha), peft, float(dropout), use_rslora)
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    for _, name, parent, attr, blocks in _projections(model):
+    for _, name, parent, attr, blocks in projections(model):
         subs = _PROJECTIONS[name][2]
         if not set(subs) & set(peft):
             continue
@@ -248,7 +250,7 @@ def lora_state_dict_to_peft(model) -> dict[str, torch.Tensor]:
     .lora_A.weight`` [r, in] and ``...lora_B.weight`` [out_i, r], for every target module."""
     config = _config(model)
     out = {}
-    for i, name, parent, attr, _ in _projections(model):
+    for i, name, parent, attr, _ in projections(model):
         layer = getattr(parent, attr)
         if not isinstance(layer, LoRALinear) or layer.lora_a is None:
             continue
@@ -351,7 +353,7 @@ def _adapter_tensors(model, state, lora: LoRAConfig):
     for sub-projections the adapter does not target; checks names and shapes."""
     seen, out = set(), {}
     r = lora.rank
-    for i, name, parent, attr, blocks in _projections(model):
+    for i, name, parent, attr, blocks in projections(model):
         subs = _PROJECTIONS[name][2]
         if not set(subs) & set(lora.target_modules):
             continue
@@ -424,7 +426,7 @@ def set_adapter_stack(model, adapters) -> int:
         raise ValueError("adapters must hold at least one PEFT adapter")
     per_adapter = [_adapter_tensors(model, state, lora) for state, lora in parsed]
     w_dtype = model.embed.weight.dtype
-    for i, name, parent, attr, blocks in _projections(model):
+    for i, name, parent, attr, blocks in projections(model):
         layer = getattr(parent, attr)
         if not any((i, name) in t for t in per_adapter):
             if isinstance(layer, LoRALinear):

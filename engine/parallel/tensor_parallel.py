@@ -16,8 +16,9 @@ A rank of a group of ``tp`` holds:
     ranks by a hook, so every replica takes the same optimizer step.
 
 The model code (``transformer.py``) does not branch on tp: local head counts come from the
-shapes. The sharded projections only get a different ``forward`` installed on the instance,
-so parameter names are those of the unsharded model.
+shapes. The sharded projections become ``LoRALinear`` (engine/models/lora.py) sharing the
+same parameters, marked with ``tp_mode`` and ``tp_group``: that class runs the collectives,
+with or without an adapter, and parameter names are those of the unsharded model.
 
 Constraints: tp must divide the query heads, the key/value heads and the FFN size. Fewer
 key/value heads than ranks (replicating KV heads) is not supported and is rejected; the
@@ -34,10 +35,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.collectives import copy_to_group, sum_over_group, summed_grad
+from kernels.collectives import sum_over_group, summed_grad
 
 from ..models import build_model, load_config
 from ..models.checkpoint import WeightEntry, load_weights, weight_map
+from ..models.lora import LoRALinear, projections
 from ..models.config import ConfigError, ModelConfig
 from ..models.transformer import Transformer
 
@@ -89,15 +91,6 @@ def shard_entries(config: ModelConfig, tp: int, rank: int) -> list[WeightEntry]:
     return out
 
 
-def _column_forward(module, group, x):
-    return F.linear(copy_to_group(x, group), module.weight, module.bias)
-
-
-def _row_forward(module, group, x):
-    out = sum_over_group(F.linear(x, module.weight), group)
-    return out if module.bias is None else out + module.bias
-
-
 def _embedding_forward(module, group, start, ids):
     local = ids - start
     outside = (local < 0) | (local >= module.num_embeddings)
@@ -122,12 +115,10 @@ def build_tp_model(config: ModelConfig, group, *, dtype=torch.float32, device=No
     model.reset_buffers()
     model.tp_group, model.vocab_start = group, v_start
     model.embed.forward = partial(_embedding_forward, model.embed, group, v_start)
-    for name, module in model.named_modules():
-        suffix = name.split(".", 2)[-1]
-        if suffix in COLUMN + ROW:
-            # Read by engine.models.lora, whose LoRALinear runs the same collectives itself.
-            module.tp_mode, module.tp_group = ("column" if suffix in COLUMN else "row"), group
-            module.forward = partial(_column_forward if suffix in COLUMN else _row_forward, module, group)
+    for _, name, parent, attr, blocks in projections(model):
+        layer = LoRALinear.wrap(getattr(parent, attr), blocks)
+        layer.tp_mode, layer.tp_group = ("column" if name in ("qkv", "gate_up") else "row"), group
+        setattr(parent, attr, layer)
     sharded = {e.param for e in shard_entries(config, tp, rank) if e.shard is not None}
     for name, param in model.named_parameters():
         if name.split(".", 2)[-1] in PARTIAL_GRAD:
