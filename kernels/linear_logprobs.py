@@ -281,7 +281,9 @@ def linear_cross_entropy(x, weight, targets, *, bias=None, weights=None, ignore_
         raise ValueError(f"weights must be [N={x.shape[0]}] on {x.device}, got {tuple(weights.shape)} on {weights.device}")
     _check(x, weight, targets, bias, temperature, softcap, ignore_index, process_group)
     backend = resolve_impl("linear_cross_entropy", impl, x, _BACKENDS)
-    vocab = sum(vocab_sizes(weight.shape[0], process_group)) if process_group is not None else weight.shape[0]
+    vocab = weight.shape[0]
+    if process_group is not None and label_smoothing > 0:  # a host all-gather: only when the sum is used
+        vocab = sum(vocab_sizes(weight.shape[0], process_group))
     options = dict(label_smoothing=label_smoothing, z_loss=z_loss, vocab=vocab)
     common = dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
                   process_group=process_group, fp32_weight_grad=fp32_weight_grad)

@@ -154,14 +154,13 @@ def _block_v(v: int) -> int:
 class _Problem:
     """Shapes, buffers and kernel launches shared by the forward and backward passes."""
 
-    def __init__(self, x, weight, bias, targets, opts: Options):
+    def __init__(self, x, weight, bias, targets, opts: Options, vocab_start: int | None = None):
         self.x, self.weight, self.bias, self.targets, self.opts = x, weight, bias, targets, opts
         self.n, self.v = x.shape[0], weight.shape[0]
         group = opts.process_group
-        if group is not None:
-            self.vocab_start = sum(vocab_sizes(self.v, group)[: dist.get_rank(group)])
-        else:
-            self.vocab_start = 0
+        if vocab_start is None:  # a host all-gather under vocab parallelism: once per op call
+            vocab_start = sum(vocab_sizes(self.v, group)[: dist.get_rank(group)]) if group is not None else 0
+        self.vocab_start = vocab_start
         self.valid = targets != opts.ignore_index
         self.rows = chunk_rows(self.n, self.v, x.shape[1], x.element_size())
         self.inv_temp = 1.0 / opts.temperature
@@ -289,7 +288,7 @@ class ChunkedStats(torch.autograd.Function):
         valid = prob.valid
         entropy = zero_ignored(lse - expected, valid) if opts.want_entropy else torch.empty(0, **f32)
         ctx.save_for_backward(x, weight, bias, targets, lse, expected)
-        ctx.opts = opts
+        ctx.opts, ctx.vocab_start = opts, prob.vocab_start
         if opts.want_sum:
             ssum = zero_ignored(ssum, valid)
         return zero_ignored(logprob, valid), zero_ignored(lse, valid), entropy, ssum
@@ -298,7 +297,7 @@ class ChunkedStats(torch.autograd.Function):
     def backward(ctx, g_logprob, g_lse, g_entropy, g_sum):
         x, weight, bias, targets, lse, expected = ctx.saved_tensors
         opts = ctx.opts
-        prob = _Problem(x, weight, bias, targets, opts)
+        prob = _Problem(x, weight, bias, targets, opts, ctx.vocab_start)
         zero = torch.zeros(prob.n, dtype=torch.float32, device=x.device)
         valid = prob.valid
 
