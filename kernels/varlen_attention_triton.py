@@ -88,6 +88,14 @@ def _pair_ok(qpos, kpos, len_k, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.
 
 
 @triton.jit
+def _seq_bounds(CuQ, CuK, b):
+    """First query token, query count, first key token and key count of sequence b."""
+    q_start = tl.load(CuQ + b)
+    k_start = tl.load(CuK + b)
+    return q_start, tl.load(CuQ + b + 1) - q_start, k_start, tl.load(CuK + b + 1) - k_start
+
+
+@triton.jit
 def _load_rows(ptrs, row_ok, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     if CHECK_ROWS:
         if EVEN_D:
@@ -172,10 +180,7 @@ def _varlen_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     if b < num_seqs:
-        q_start = tl.load(CuQ + b)
-        len_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        len_k = tl.load(CuK + b + 1) - k_start
+        q_start, len_q, k_start, len_k = _seq_bounds(CuQ, CuK, b)
         m_lo = pid_m * BLOCK_M
         if m_lo < len_q:
             rows = m_lo + offs_m
@@ -289,10 +294,7 @@ def _varlen_attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     if b < num_seqs:
-        q_start = tl.load(CuQ + b)
-        len_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        len_k = tl.load(CuK + b + 1) - k_start
+        q_start, len_q, k_start, len_k = _seq_bounds(CuQ, CuK, b)
         n_lo = pid_n * BLOCK_N
         if n_lo < len_k:
             cols = n_lo + offs_n
@@ -383,10 +385,7 @@ def _varlen_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     if b < num_seqs:
-        q_start = tl.load(CuQ + b)
-        len_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        len_k = tl.load(CuK + b + 1) - k_start
+        q_start, len_q, k_start, len_k = _seq_bounds(CuQ, CuK, b)
         m_lo = pid_m * BLOCK_M
         if m_lo < len_q:
             rows = m_lo + offs_m
