@@ -154,17 +154,16 @@ class ModelBuilder:
 
     def spawn_inference(self, max_batch_size: int = 2048, **kwargs):
         """Serve the base model (``engine.infer.InferenceModel``: continuous batching over a
-        paged KV cache). Requests name their LoRA adapter (a PEFT folder) with ``adapter=``;
+        paged KV cache; with ``.tp(n)``, one process per rank). Requests name their LoRA
+        adapter (a PEFT folder) with ``adapter=``;
         ``kwargs`` go to InferenceModel (kv_cache_tokens, block_size, max_adapters, ...)."""
         dtype, device = self._check(max_batch_size)
-        if self._tp > 1:
-            raise NotImplementedError(f"tp={self._tp}: the inference engine runs on one rank (tp=1) for now")
         if self._adapter is not None or self._scoring:
             raise ValueError("with_adapter / into_scoring_model are for training; name an adapter per request "
                              "(sample(..., adapter=path)) or use create_sampling_client")
         from engine.infer import InferenceModel
 
-        return InferenceModel(self._path, max_batch_size=max_batch_size, dtype=dtype, device=device,
+        return InferenceModel(self._path, max_batch_size=max_batch_size, dtype=dtype, device=device, tp=self._tp,
                               tokenizer=_tokenizer(self._path), **kwargs)
 
     async def spawn_inference_async(self, max_batch_size: int = 2048, **kwargs):

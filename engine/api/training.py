@@ -157,16 +157,17 @@ class TrainingModel:
         if name is not None:
             self.save_weights_for_sampler(name).result()
         if self._sampler is None:
-            model = getattr(self._trainer, "model", None)
-            if model is None:
-                raise NotImplementedError("a sampling client of a tensor-parallel (tp > 1) training model is not "
-                                          "supported yet; save_weights_for_sampler then create_sampling_client")
             if self._trainer.value_head is not None:
                 raise ValueError("a scoring model has no sampler")
             from engine.infer import InferenceModel
 
             kwargs.setdefault("gpu_memory_fraction", 0.3)  # it shares the GPU with training
-            self._sampler = InferenceModel(model, max_batch_size=kwargs.pop("max_batch_size", 2048), **kwargs)
+            # A tensor-parallel trainer's ranks serve their own shards (engine/infer/runner.py).
+            target = getattr(self._trainer, "model", None)
+            target = self._trainer.pool if target is None else target
+            # Made on the training thread: no call of this model is in flight meanwhile.
+            self._sampler = self._submit(
+                lambda: InferenceModel(target, max_batch_size=kwargs.pop("max_batch_size", 2048), **kwargs)).result()
         return self._sampler
 
     def create_sampling_client(self, path: str, **kwargs):

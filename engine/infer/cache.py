@@ -10,6 +10,9 @@ the last, partial block is copied once per extra sample when the samples fork
 sequence writes into is its own. A block returns to the free list when its refcount drops
 to 0.
 
+Tensor parallelism: each rank caches its own key/value heads; the block ids, and so the
+allocator and the scheduler, are the driver's alone (``BlockSpace``).
+
 Sizing: on CUDA the pool takes ``gpu_fraction`` of the free device memory after the
 weights are loaded; elsewhere it holds ``num_tokens`` tokens (the caller passes a multiple
 of max_batch_size).
@@ -17,6 +20,7 @@ of max_batch_size).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -64,16 +68,14 @@ class BlockAllocator:
         return self._refs[block]
 
 
-class KVCache:
-    """Device tensors k, v [num_layers, num_blocks, block_size, Hkv, D] and their allocator."""
+class BlockSpace:
+    """The host side of a paged cache, all the scheduler needs: block size and count and
+    the allocator. Under tensor parallelism the driver holds only this; every rank holds a
+    KVCache with the same number of blocks (its local key/value heads)."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 *, dtype: torch.dtype, device):
+    def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1:
             raise ValueError(f"KV cache: num_blocks must be at least 1, got {num_blocks}")
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.allocator = BlockAllocator(num_blocks)
@@ -84,6 +86,17 @@ class KVCache:
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+
+class KVCache(BlockSpace):
+    """Device tensors k, v [num_layers, num_blocks, block_size, Hkv, D] and their allocator."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 *, dtype: torch.dtype, device):
+        super().__init__(num_blocks, block_size)
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy whole blocks (every layer) src[i] -> dst[i] on the device."""
@@ -97,7 +110,8 @@ class KVCache:
     @classmethod
     def for_model(cls, model, *, block_size: int, num_tokens: int | None = None, gpu_fraction: float = 0.9,
                   dtype: torch.dtype | None = None) -> "KVCache":
-        """Size the pool: ``num_tokens`` when given, else (CUDA) a fraction of the free memory."""
+        """Size the pool: ``num_tokens`` when given, else (CUDA) a fraction of the free memory.
+        On a tensor-parallel shard (``model.tp_group``) the ranks agree on the smallest count."""
         cfg = model.config
         device = model.embed.weight.device
         dtype = dtype or model.embed.weight.dtype
@@ -111,4 +125,9 @@ class KVCache:
                                            dtype)
         else:
             num_blocks = -(-num_tokens // block_size)
+        group = getattr(model, "tp_group", None)
+        if group is not None:
+            n = torch.tensor([num_blocks], dtype=torch.int64, device=device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=group)
+            num_blocks = int(n)
         return cls(cfg.num_layers, num_blocks, block_size, hkv, attn.head_dim, dtype=dtype, device=device)

@@ -19,14 +19,12 @@ from typing import Any, Iterable
 
 import torch
 
-from engine.models import load_model, set_adapter_stack
-from engine.models.lora import read_peft_adapter
+from engine.models import Transformer, load_config, load_model
+from engine.models.lora import _adapter_tensors, read_peft_adapter
+from engine.parallel import WorkerPool, check_tp
 
-from .cache import KVCache
-from .cuda_graphs import DecodeGraphs
-from .forward import StepBatch, forward_with_cache
+from .runner import LocalExecutor, StepRunner, StepSpec, TPExecutor
 from .sampling import derive_seed
-from .sampling_op import sample_tokens
 from .scheduler import Request, Scheduler, Seq
 from .types import Future, SampledSequence, SampleResponse, SamplingParams
 
@@ -54,6 +52,11 @@ class InferenceModel:
     Args:
         model_or_path: a loaded ``Transformer`` (shared, not copied: in-place weight
             updates are seen by the next step) or a Hugging Face checkpoint folder.
+        tp: tensor-parallel degree; tp > 1 (a checkpoint folder) runs one worker process
+            per rank (runner.py): each holds its shard and its share of the KV cache, and
+            the scheduler stays in this process. ``model_or_path`` may also be the
+            ``WorkerPool`` of a tensor-parallel trainer (each rank's state has a ``model``):
+            the ranks then serve the shards they train, shared, not copied.
         max_batch_size: token budget of one step (prefill chunks + decoding tokens).
         dtype, device: when loading from a path.
         tokenizer: optional, with ``encode``/``decode``: enables string stop sequences.
@@ -65,32 +68,45 @@ class InferenceModel:
         adapter: PEFT adapter folder served to requests that name none (a sampling client
             of a trained adapter).
         use_cuda_graphs: on CUDA, replay captured graphs for decode-only steps without
-            adapters (cuda_graphs.py; captured on the first such step). Ignored elsewhere.
+            adapters (cuda_graphs.py; captured on the first such step). Ignored elsewhere
+            and, for now, under tensor parallelism.
     """
 
     def __init__(self, model_or_path, *, max_batch_size: int = 2048, dtype: torch.dtype | None = None, device=None,
                  tokenizer=None, block_size: int = 16, kv_cache_tokens: int | None = None,
                  gpu_memory_fraction: float = 0.9, max_adapters: int = 16, adapter=None,
-                 use_cuda_graphs: bool = True):
-        if isinstance(model_or_path, (str, Path)):
-            model = load_model(model_or_path, dtype=dtype, device=device)
-        else:
-            model = model_or_path
+                 use_cuda_graphs: bool = True, tp: int = 1):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int (tokens per step), got {max_batch_size!r}")
-        self.model = model.eval()
-        self.config = model.config
-        self.device = model.embed.weight.device
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tp must be a positive int, got {tp!r}")
+        runner_kwargs = dict(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
+                             gpu_memory_fraction=gpu_memory_fraction, use_cuda_graphs=use_cuda_graphs)
+        if kv_cache_tokens is None and not torch.cuda.is_available():
+            runner_kwargs["kv_cache_tokens"] = 4 * max_batch_size
+        if isinstance(model_or_path, WorkerPool):  # a tensor-parallel trainer's ranks
+            executor = TPExecutor.attach(model_or_path, **runner_kwargs)
+        elif isinstance(model_or_path, (str, Path)) and tp > 1:
+            check_tp(load_config(model_or_path), tp)
+            executor = TPExecutor.spawn(model_or_path, tp, dtype=dtype, **runner_kwargs)
+        else:
+            if tp > 1:
+                raise ValueError(f"tp={tp} needs a checkpoint folder (each rank loads its own shard), not a model")
+            model = model_or_path
+            if isinstance(model_or_path, (str, Path)):
+                model = load_model(model_or_path, dtype=dtype, device=device)
+            if kv_cache_tokens is None and model.embed.weight.device.type != "cuda":
+                runner_kwargs["kv_cache_tokens"] = 4 * max_batch_size
+            executor = LocalExecutor(StepRunner(model, **runner_kwargs))
+        self._executor = executor
+        self.config = executor.config
+        local = isinstance(executor, LocalExecutor)
+        self.tp = 1 if local else executor.pool.tp
+        self.model = executor.runner.model if local else None  # None: the shards live in the rank processes
         self.tokenizer = tokenizer
-        if kv_cache_tokens is None and self.device.type != "cuda":
-            kv_cache_tokens = 4 * max_batch_size
-        self.cache = KVCache.for_model(model, block_size=block_size, num_tokens=kv_cache_tokens,
-                                       gpu_fraction=gpu_memory_fraction)
+        self.cache = executor.blocks  # the host view: block ids and allocator
         self.scheduler = Scheduler(self.cache, max_batch_size)
-        self._graphs = None
-        if use_cuda_graphs and self.device.type == "cuda":
-            max_blocks = min(self.cache.num_blocks, self.cache.blocks_needed(self.config.max_position_embeddings))
-            self._graphs = DecodeGraphs(model, self.cache, max_blocks)
+        self._shapes = None  # a meta-device model: checks updates and adapters before they reach the ranks
         self.max_batch_size = max_batch_size
         self.max_adapters = max_adapters
         self.default_adapter = adapter
@@ -234,6 +250,7 @@ class InferenceModel:
             while item is not None:
                 if item[0] == "close":
                     self._fail_all(RuntimeError("InferenceModel was closed"))
+                    self._executor.close()
                     return
                 self._handle(item)
                 try:
@@ -268,17 +285,24 @@ class InferenceModel:
             except Exception as e:  # noqa: BLE001
                 fut._set_exception(e)
 
-    @torch.no_grad()
     def _copy_weights(self, state) -> None:
-        own = self.model.state_dict()
-        items = state.items() if isinstance(state, dict) else state
-        for name, value in items:
-            if name not in own:
-                raise KeyError(f"update_weights: {name!r} is not a parameter of the model")
-            if tuple(own[name].shape) != tuple(value.shape):
-                raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the model's "
-                                 f"{tuple(own[name].shape)}")
-            own[name].copy_(value)
+        items = list(state.items() if isinstance(state, dict) else state)
+        if self.model is None:  # check here: an error raised on a rank would stop the pool
+            own = {n: p.shape for n, p in self._shape_model().state_dict().items()}
+            for name, value in items:
+                if name not in own:
+                    raise KeyError(f"update_weights: {name!r} is not a weight of the model")
+                if tuple(own[name]) != tuple(value.shape):
+                    raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the model's "
+                                     f"{tuple(own[name])}")
+        self._executor.copy_weights(items)
+
+    def _shape_model(self) -> Transformer:
+        """The unsharded model on the meta device (shapes only, no memory)."""
+        if self._shapes is None:
+            with torch.device("meta"):
+                self._shapes = Transformer(self.config)
+        return self._shapes
 
     def _admit_deferred(self) -> None:
         still = []
@@ -295,7 +319,9 @@ class InferenceModel:
         self._deferred = still
 
     def _load_adapter(self, path: str) -> bool:
-        read_peft_adapter(path)  # validate first: an error leaves the pool as it was
+        # Validate first (names and shapes against the unsharded model): an error leaves the
+        # pool as it was, and under tensor parallelism never reaches the ranks.
+        _adapter_tensors(self._shape_model(), *read_peft_adapter(path))
         slots = list(self._adapters)
         if len(slots) >= self.max_adapters:
             used = {r.adapter for r in self._active.values()}
@@ -305,9 +331,7 @@ class InferenceModel:
             slots[free[0]] = path
         else:
             slots.append(path)
-        set_adapter_stack(self.model, slots)
-        if self._graphs is not None:
-            self._graphs.reset()  # the projections may be new modules
+        self._executor.set_adapters(slots)
         self._adapters = slots
         return True
 
@@ -325,66 +349,62 @@ class InferenceModel:
         if not plan:
             return
         plan.sort(key=lambda sn: sn[1] != 1)  # one-token chunks first: they take the paged kernel
-        chunks = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks) for seq, n in plan]
-        ids = None
+        spec = StepSpec(chunks=[(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
+                                for seq, n in plan], copies=self.scheduler.copies)
+        self.scheduler.copies = []
         if self._adapters:
-            ids = [self._adapters.index(seq.req.adapter) if seq.req.adapter else -1 for seq, _ in plan]
-        batch = StepBatch.build(chunks, self.cache.block_size, self.device, ids)
-        hidden = None if self._graphs is None else self._graphs.run(batch)
-        if hidden is None:
-            hidden = forward_with_cache(self.model, self.cache, batch)
-        self.stats["steps"] += 1
+            spec.adapter_ids = [self._adapters.index(seq.req.adapter) if seq.req.adapter else -1 for seq, _ in plan]
         offsets = list(itertools.accumulate((n for _, n in plan), initial=0))
-        # Prompt logprobs (leaders that asked for them), then the sampling rows.
+        # Prompt logprobs (leaders that asked for them): rows of positions whose next token is
+        # in the prompt.
+        scored = []
         for (seq, n), start in zip(plan, offsets):
-            req = seq.req
-            if seq.index == 0 and seq.num_cached < len(req.prompt) - 1 and (req.prompt_logprobs is not None or req.topk):
-                self._prompt_logprobs(seq, hidden[start:start + n], seq.num_cached, n)
-        rows, owners = [], []
+            req, first = seq.req, seq.num_cached
+            end = min(first + n, len(req.prompt) - 1)
+            if seq.index == 0 and end > first and (req.prompt_logprobs is not None or req.topk):
+                spec.prompt.append((start, req.prompt[first + 1:end + 1], req.topk_prompt_logprobs))
+                scored.append((req, first))
+        # Sampling rows: sequences whose last new token is their last token.
+        owners = []
         for (seq, n), start in zip(plan, offsets):
+            if seq.num_cached + n < len(seq.tokens) or seq.req.params.max_tokens == 0:
+                continue
+            p = seq.req.params
+            spec.rows.append(start + n - 1)
+            for i in range(seq.index, seq.index + seq.fork):
+                spec.expand.append(len(owners))
+                spec.temps.append(float(p.temperature))
+                spec.top_k.append(int(p.top_k))
+                spec.top_p.append(float(p.top_p))
+                spec.seeds.append(seq.req.seeds[i])
+                spec.steps.append(seq.num_generated)
+            owners.append(seq)
+        spec.truncate = any(0 < k < self.config.vocab_size for k in spec.top_k) or any(p < 1.0 for p in spec.top_p)
+        result = self._executor.step(spec)
+        self.stats["steps"] += 1
+        for (req, first), (lps, top) in zip(scored, result.prompt):
+            if req.prompt_logprobs is not None:
+                req.prompt_logprobs[first + 1:first + 1 + len(lps)] = lps
+            if top is not None:
+                req.topk[first + 1:first + 1 + len(top)] = top
+        for seq, n in plan:
             kind = "decode_tokens" if n == 1 and seq.num_cached == len(seq.tokens) - 1 and seq.num_generated else "prefill_tokens"
             self.stats[kind] += n
             seq.num_cached += n
-            if seq.num_cached < len(seq.tokens):
-                continue  # prefill continues next step
-            if seq.req.params.max_tokens == 0:
+            if seq.num_cached == len(seq.tokens) and seq.req.params.max_tokens == 0:
                 self._finish_request_zero(seq)
-                continue
-            rows.append(start + n - 1)
-            owners.append(seq)
-        if not rows:
-            return
-        logits = self.model.compute_logits(hidden[rows]).float()
-        expand, temps, ks, ps, seeds, steps = [], [], [], [], [], []
-        for r, seq in enumerate(owners):
-            p = seq.req.params
-            for i in range(seq.index, seq.index + seq.fork):
-                expand.append(r)
-                temps.append(float(p.temperature))
-                ks.append(int(p.top_k))
-                ps.append(float(p.top_p))
-                seeds.append(seq.req.seeds[i])
-                steps.append(seq.num_generated)
-        truncate = any(0 < k < self.config.vocab_size for k in ks) or any(p < 1.0 for p in ps)
-        dev = logits.device
-        tok, lp, raw = sample_tokens(
-            logits[torch.tensor(expand, device=dev)], torch.tensor(temps, device=dev),
-            torch.tensor(ks, dtype=torch.int64, device=dev), torch.tensor(ps, device=dev),
-            torch.tensor(seeds, dtype=torch.int64, device=dev), torch.tensor(steps, dtype=torch.int64, device=dev),
-            truncate=truncate)
-        out = torch.stack([tok.double(), lp.double(), raw.double()], 1).tolist()  # the step's one host sync
         now = time.perf_counter()
         k = 0
         for seq in owners:
             if seq.req.first_token is None:
                 seq.req.first_token = now
-            draws = out[k:k + seq.fork]
+            draws = result.draws[k:k + seq.fork]
             k += seq.fork
             if seq.fork > 1:
-                samples = self.scheduler.fork(seq, [(int(t), a, b) for t, a, b in draws], self.version)
+                samples = self.scheduler.fork(seq, draws, self.version)
             else:
                 t, a, b = draws[0]
-                seq.tokens.append(int(t))
+                seq.tokens.append(t)
                 seq.logprobs.append(a)
                 seq.raw_logprobs.append(b)
                 if seq.version is None:
@@ -392,21 +412,6 @@ class InferenceModel:
                 samples = [seq]
             for s in samples:
                 self._check_done(s)
-
-    def _prompt_logprobs(self, seq: Seq, hidden: torch.Tensor, start: int, n: int) -> None:
-        req = seq.req
-        end = min(start + n, len(req.prompt) - 1)  # positions whose next token is in the prompt
-        if end <= start:
-            return
-        logp = self.model.compute_logits(hidden[:end - start]).float().log_softmax(-1)
-        targets = torch.tensor(req.prompt[start + 1:end + 1], device=logp.device)
-        lps = logp.gather(1, targets[:, None])[:, 0].tolist()
-        if req.prompt_logprobs is not None:
-            req.prompt_logprobs[start + 1:end + 1] = lps
-        if req.topk:
-            vals, idx = logp.topk(min(req.topk_prompt_logprobs, logp.shape[-1]), dim=-1)
-            for j, (v, i) in enumerate(zip(vals.tolist(), idx.tolist())):
-                req.topk[start + 1 + j] = list(zip(i, v))
 
     def _check_done(self, seq: Seq) -> None:
         req = seq.req

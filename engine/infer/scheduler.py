@@ -15,7 +15,8 @@ progress: no out-of-memory, no deadlock.
 Samples of one prompt: the request enters as one *leader* sequence that prefills the
 prompt once; when its prefill completes, its last logits give the first token of every
 sample and it forks: the clones share the prompt's full blocks (refcounts) and get a copy
-of the partial last block (copy-on-write at fork time). A clone that finds no free block
+of the partial last block (copy-on-write at fork time; the copy is recorded in ``copies``
+and made on the device at the start of the next step, before any key/value is written). A clone that finds no free block
 for that copy waits and recomputes its prompt.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from .cache import KVCache
+from .cache import BlockSpace
 from .types import Future, SampledSequence, SamplingParams
 
 
@@ -87,13 +88,14 @@ class Seq:
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, token_budget: int):
+    def __init__(self, cache: BlockSpace, token_budget: int):
         self.cache = cache
         self.alloc = cache.allocator
         self.token_budget = token_budget
         self.running: list[Seq] = []  # sorted by arrival
         self.waiting: list[Seq] = []  # sorted by arrival
         self.num_preemptions = 0
+        self.copies: list[tuple[int, int]] = []  # (src, dst) block copies the next step makes first
 
     def add(self, seq: Seq) -> None:
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
@@ -178,7 +180,7 @@ class Scheduler:
                 clone.blocks = list(leader.blocks[:full])
                 if partial:
                     (blk,) = self.alloc.allocate(1)
-                    self.cache.copy_blocks([leader.blocks[full]], [blk])
+                    self.copies.append((leader.blocks[full], blk))
                     clone.blocks.append(blk)
                 clone.num_cached = n_prompt
                 bisect.insort(self.running, clone, key=lambda s: s.arrival)

@@ -133,21 +133,23 @@ class LoRALinear(nn.Linear):
         return torch.block_diag(*self.lora_b.split(self.blocks))
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        bias = None if self.tp_mode == "row" else self.bias  # a row-parallel bias is added once, after the sum
         if adapter_ids is not None:
-            if self.tp_group is not None:
-                raise NotImplementedError("multi-adapter stacks on a tensor-parallel model are not supported yet")
+            # Serving only (no autograd): a column shard's input needs no collective. The
+            # stacks hold this rank's slices (A's columns on a row shard, B's rows on a column
+            # shard), so a row shard's partial outputs, adapters included, sum to the whole.
             if self.stack_a is None:
                 raise RuntimeError("adapter_ids given but this projection has no adapter stack (set_adapter_stack)")
-            return kernels.lora_linear_multi(x, self.weight, self.stack_a, self.stack_b, self.stack_scales,
-                                             adapter_ids, bias=self.bias)
-        if self.tp_mode == "column":
-            x = copy_to_group(x, self.tp_group)
-        bias = None if self.tp_mode == "row" else self.bias  # a row-parallel bias is added once, after the sum
-        if self.lora_a is None:
-            out = F.linear(x, self.weight, bias)
+            out = kernels.lora_linear_multi(x, self.weight, self.stack_a, self.stack_b, self.stack_scales,
+                                            adapter_ids, bias=bias)
         else:
-            out = kernels.lora_linear(x, self.weight, self.lora_a, self.dense_b(), self.scale, bias=bias,
-                                      dropout=self.dropout if self.training else 0.0)
+            if self.tp_mode == "column":
+                x = copy_to_group(x, self.tp_group)
+            if self.lora_a is None:
+                out = F.linear(x, self.weight, bias)
+            else:
+                out = kernels.lora_linear(x, self.weight, self.lora_a, self.dense_b(), self.scale, bias=bias,
+                                          dropout=self.dropout if self.training else 0.0)
         if self.tp_mode == "row":
             out = sum_over_group(out, self.tp_group)
             out = out if self.bias is None else out + self.bias

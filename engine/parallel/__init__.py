@@ -22,10 +22,11 @@ per token, for hidden size H and activations of b bytes:
 For Llama-3-8B (H = 4096, bf16, 32 layers) at tp = 2 that is 1 MiB per token per step for
 tp, against 2·(dp-1)/dp × 8 GB per step for full-weight dp (tens of MB for a LoRA adapter).
 """
-from .tensor_parallel import build_tp_model, check_tp, full_state, load_tp_model, shard_entries, vocab_slice
+from .tensor_parallel import (build_tp_model, check_tp, full_state, gather_vocab, load_tp_model, shard_entries,
+                              shard_tensor, vocab_slice)
 from .workers import RankContext, WorkerError, WorkerPool, init_distributed
 
 __all__ = [
-    "RankContext", "WorkerError", "WorkerPool", "build_tp_model", "check_tp", "full_state", "init_distributed",
-    "load_tp_model", "shard_entries", "vocab_slice",
+    "RankContext", "WorkerError", "WorkerPool", "build_tp_model", "check_tp", "full_state", "gather_vocab",
+    "init_distributed", "load_tp_model", "shard_entries", "shard_tensor", "vocab_slice",
 ]

@@ -158,10 +158,42 @@ def full_state(model: Transformer, *, grads: bool = False) -> dict[str, torch.Te
             dim = e.shard[0]
             sizes = [vocab_slice(e.shard[3], tp, r)[1] for r in range(tp)] if e.param in ("embed.weight", "lm_head.weight") \
                 else [e.shard[2]] * tp
-            pad = max(sizes) - t.shape[dim]
-            padded = F.pad(t, (0, 0, 0, pad) if dim == 0 else (0, pad)) if pad else t.contiguous()
-            parts = [torch.empty_like(padded) for _ in range(tp)]
-            dist.all_gather(parts, padded, group=group)
-            t = torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+            t = _gather_uneven(t, dim, sizes, group)
         out[e.hf_name] = t.detach().clone()
     return out
+
+
+def _gather_uneven(t: torch.Tensor, dim: int, sizes: list[int], group) -> torch.Tensor:
+    """Concatenate every rank's ``t`` along ``dim`` (a 2-D tensor; rank r's has ``sizes[r]``
+    there): all_gather needs equal shapes, so each is padded to the largest first."""
+    pad = max(sizes) - t.shape[dim]
+    padded = F.pad(t, (0, 0, 0, pad) if dim == 0 else (0, pad)) if pad else t.contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+
+
+def gather_vocab(model: Transformer, logits: torch.Tensor) -> torch.Tensor:
+    """[rows, V_local] logits of this rank's vocabulary slice -> [rows, V] on every rank
+    (unchanged without ``model.tp_group``). For the few rows a sampler needs, not training."""
+    group = getattr(model, "tp_group", None)
+    if group is None:
+        return logits
+    tp = dist.get_world_size(group)
+    return _gather_uneven(logits, 1, [vocab_slice(model.config.vocab_size, tp, r)[1] for r in range(tp)], group)
+
+
+def shard_tensor(config: ModelConfig, group, name: str, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of parameter ``name`` (a name of the unsharded model's state_dict)
+    given its unsharded value: the same slices ``load_tp_model`` reads from a checkpoint."""
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    whole = {e.hf_name: e for e in weight_map(config) if e.param == name}
+    parts = sorted((e for e in shard_entries(config, tp, rank) if e.param == name), key=lambda e: e.row_offset)
+    if not parts:
+        raise KeyError(f"{name!r} is not a weight of this model")
+    pieces = []
+    for e in parts:
+        w = whole[e.hf_name]
+        src = full.narrow(0, w.row_offset, w.rows) if w.rows is not None else full
+        pieces.append(src.narrow(e.shard[0], e.shard[1], e.shard[2]) if e.shard is not None else src)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

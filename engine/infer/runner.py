@@ -1,0 +1,230 @@
+"""The device side of the engine: a step's forward, prompt logprobs and sampling.
+
+The engine thread (model.py) schedules on the host and describes each step as a
+:class:`StepSpec`: plain lists (token ids, block ids, sampling parameters), so it can be
+pickled to tensor-parallel ranks. A :class:`StepRunner` owns one model (or one
+tensor-parallel shard of it), its KV cache and its CUDA graphs, and turns a spec into
+host results. Two executors hand specs to runners:
+
+* ``LocalExecutor``: tp=1, the runner lives in the caller's process;
+* ``TPExecutor``: one runner per rank in ``WorkerPool`` processes, either a pool of its own
+  (``spawn_inference`` with tp > 1) or the pool of a tensor-parallel ``RemoteTrainer``,
+  whose models the runners share (a sampling client of a tp > 1 TrainingModel).
+
+Under tensor parallelism every rank runs the same step on its heads and its slice of the
+vocabulary; the logits of the rows that are sampled or scored are all-gathered over the
+vocabulary (``gather_vocab``: [rows, V], never the whole step's tokens), and rank 0 alone
+samples and answers. The block copies of forked samples (``Scheduler.copies``) are made
+first in every step, on every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.models import set_adapter_stack
+from engine.parallel import WorkerPool, gather_vocab, load_tp_model, shard_tensor
+
+from .cache import BlockSpace, KVCache
+from .cuda_graphs import DecodeGraphs
+from .forward import StepBatch, forward_with_cache
+from .sampling_op import sample_tokens
+
+
+@dataclass
+class StepSpec:
+    """One engine step, host data only.
+
+    chunks: per sequence (new token ids, number already cached, block ids);
+    adapter_ids: per sequence (-1: base), or None when no adapter is loaded;
+    copies: (src, dst) KV blocks to copy before the forward;
+    prompt: per scored prompt chunk (first row in the step, next-token targets, top-k);
+    rows: step rows whose logits are sampled, ``expand`` mapping each sample to its row,
+    and per sample: temperature, top_k, top_p, seed, step (tokens generated so far).
+    """
+
+    chunks: list[tuple[list[int], int, list[int]]]
+    adapter_ids: list[int] | None = None
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    prompt: list[tuple[int, list[int], int]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    expand: list[int] = field(default_factory=list)
+    temps: list[float] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    top_p: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    truncate: bool = False
+
+
+@dataclass
+class StepResult:
+    """prompt: per ``StepSpec.prompt`` entry (logprobs, top-k [(id, logprob)] lists or None);
+    draws: per sample (token, logprob of the sampled distribution, raw logprob)."""
+
+    prompt: list[tuple[list[float], list | None]]
+    draws: list[tuple[int, float, float]]
+
+
+class StepRunner:
+    """One rank's model, KV cache and CUDA graphs. ``step`` returns a StepResult on rank 0
+    (the only rank with tp=1) and None on the others."""
+
+    def __init__(self, model, *, block_size: int, kv_cache_tokens: int | None, gpu_memory_fraction: float,
+                 use_cuda_graphs: bool):
+        self.model = model.eval()
+        self.device = model.embed.weight.device
+        group = getattr(model, "tp_group", None)
+        self.lead = group is None or torch.distributed.get_rank(group) == 0
+        self.cache = KVCache.for_model(model, block_size=block_size, num_tokens=kv_cache_tokens,
+                                       gpu_fraction=gpu_memory_fraction)
+        self.graphs = None
+        # Capturing collectives in a graph is left to a later change: graphs at tp=1 only.
+        if use_cuda_graphs and self.device.type == "cuda" and group is None:
+            max_blocks = min(self.cache.num_blocks, self.cache.blocks_needed(model.config.max_position_embeddings))
+            self.graphs = DecodeGraphs(model, self.cache, max_blocks)
+
+    @torch.no_grad()
+    def step(self, spec: StepSpec) -> StepResult | None:
+        if spec.copies:
+            self.cache.copy_blocks([s for s, _ in spec.copies], [d for _, d in spec.copies])
+        batch = StepBatch.build(spec.chunks, self.cache.block_size, self.device, spec.adapter_ids)
+        hidden = None if self.graphs is None else self.graphs.run(batch)
+        if hidden is None:
+            hidden = forward_with_cache(self.model, self.cache, batch)
+        # One gather of the logits of every row that is scored or sampled.
+        scored = [r for start, targets, _ in spec.prompt for r in range(start, start + len(targets))]
+        rows = scored + spec.rows
+        if not rows:
+            return StepResult([], []) if self.lead else None
+        logits = gather_vocab(self.model, self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]))
+        if not self.lead:
+            return None
+        logits = logits.float()
+        prompt, at = [], 0
+        for _, targets, topk in spec.prompt:
+            logp = logits[at:at + len(targets)].log_softmax(-1)
+            at += len(targets)
+            lps = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+            top = None
+            if topk:
+                vals, idx = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+                top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+            prompt.append((lps, top))
+        if not spec.rows:
+            return StepResult(prompt, [])
+        dev = logits.device
+        sampled = logits[at:][torch.tensor(spec.expand, device=dev)]
+        tok, lp, raw = sample_tokens(
+            sampled, torch.tensor(spec.temps, device=dev), torch.tensor(spec.top_k, dtype=torch.int64, device=dev),
+            torch.tensor(spec.top_p, device=dev), torch.tensor(spec.seeds, dtype=torch.int64, device=dev),
+            torch.tensor(spec.steps, dtype=torch.int64, device=dev), truncate=spec.truncate)
+        out = torch.stack([tok.double(), lp.double(), raw.double()], 1).tolist()  # the step's one host sync
+        return StepResult(prompt, [(int(t), a, b) for t, a, b in out])
+
+    def set_adapters(self, slots: list[str]) -> None:
+        set_adapter_stack(self.model, slots)
+        if self.graphs is not None:
+            self.graphs.reset()  # the projections may be new modules
+
+    @torch.no_grad()
+    def copy_weights(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy unsharded weights (names of ``model.state_dict()`` at tp=1) into the model;
+        a tensor-parallel rank keeps its shard of each."""
+        own = self.model.state_dict()
+        group = getattr(self.model, "tp_group", None)
+        for name, value in items:
+            if name not in own:
+                raise KeyError(f"update_weights: {name!r} is not a parameter of the model")
+            if group is not None:
+                value = shard_tensor(self.model.config, group, name, value)
+            if tuple(own[name].shape) != tuple(value.shape):
+                raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the model's "
+                                 f"{tuple(own[name].shape)}")
+            own[name].copy_(value)
+
+
+class LocalExecutor:
+    """tp=1: the runner in this process."""
+
+    def __init__(self, runner: StepRunner):
+        self.runner = runner
+        self.blocks: BlockSpace = runner.cache
+        self.config = runner.model.config
+
+    def step(self, spec: StepSpec) -> StepResult:
+        return self.runner.step(spec)
+
+    def set_adapters(self, slots: list[str]) -> None:
+        self.runner.set_adapters(slots)
+
+    def copy_weights(self, items) -> None:
+        self.runner.copy_weights(items)
+
+    def close(self) -> None:
+        pass
+
+
+def _runner(state) -> StepRunner:
+    """The rank's runner: the pool's state itself, or the one attached to a rank's Trainer."""
+    return state if isinstance(state, StepRunner) else state.step_runner
+
+
+def _setup_rank(ctx, path, dtype, runner_kwargs):
+    return StepRunner(load_tp_model(path, ctx.group, dtype=dtype, device=ctx.device), **runner_kwargs)
+
+
+def _attach_rank(trainer, runner_kwargs):
+    trainer.step_runner = StepRunner(trainer.model, **runner_kwargs)
+    return trainer.step_runner.cache.num_blocks
+
+
+def _detach_rank(trainer):
+    trainer.step_runner = None
+    trainer.model.eval()
+
+
+def _on_rank(state, method, *args):
+    return getattr(_runner(state), method)(*args)
+
+
+def _describe_rank(state):
+    runner = _runner(state)
+    return runner.cache.num_blocks, runner.model.config
+
+
+class TPExecutor:
+    """tp > 1: one StepRunner per rank of ``pool``; every call runs on every rank."""
+
+    def __init__(self, pool: WorkerPool, *, block_size: int, owns_pool: bool):
+        self.pool, self.owns_pool = pool, owns_pool
+        num_blocks, self.config = pool.run(_describe_rank)[0]
+        self.blocks = BlockSpace(num_blocks, block_size)
+
+    @classmethod
+    def spawn(cls, path, tp: int, *, dtype, **runner_kwargs) -> "TPExecutor":
+        """A pool of ``tp`` ranks, each loading its shard of the checkpoint at ``path``."""
+        return cls(WorkerPool(tp, _setup_rank, path, dtype, runner_kwargs), block_size=runner_kwargs["block_size"],
+                   owns_pool=True)
+
+    @classmethod
+    def attach(cls, pool: WorkerPool, **runner_kwargs) -> "TPExecutor":
+        """Runners on the ranks of a RemoteTrainer's pool, sharing each rank's model."""
+        pool.run(_attach_rank, runner_kwargs)
+        return cls(pool, block_size=runner_kwargs["block_size"], owns_pool=False)
+
+    def step(self, spec: StepSpec) -> StepResult:
+        return self.pool.run(_on_rank, "step", spec)[0]
+
+    def set_adapters(self, slots: list[str]) -> None:
+        self.pool.run(_on_rank, "set_adapters", slots)
+
+    def copy_weights(self, items) -> None:
+        self.pool.run(_on_rank, "copy_weights", [(n, v.detach().cpu()) for n, v in items])
+
+    def close(self) -> None:
+        if self.owns_pool:
+            self.pool.close()
+        elif self.pool._procs:
+            self.pool.run(_detach_rank)  # free the KV cache; the trainer keeps its ranks

@@ -1,0 +1,120 @@
+"""The inference engine under tensor parallelism: two gloo ranks against tp=1 (CPU, float32).
+
+tp=1 is checked against transformers and peft in test_infer.py; here tp=2 must give the
+same tokens and the same logprobs within float32 rounding, through forks (block copies
+on every rank), mixed adapters, weight updates, and a sampler sharing a tp=2 trainer."""
+import pytest
+import torch
+
+import engine
+from engine.infer import InferenceModel, SamplingParams
+from engine.models import load_model
+
+VOCAB = 1031  # odd: the two ranks hold vocabulary slices of different sizes
+
+
+def _prompts(seed, lengths):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _adapters(folder, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = []
+    for k, targets in enumerate((["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "gate_proj", "up_proj"])):
+        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                            LoraConfig(r=4 + 2 * k, lora_alpha=8, target_modules=targets))
+        g = torch.Generator().manual_seed(10 + k)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        pm.save_pretrained(tmp_path / f"a{k}")
+        out.append(str(tmp_path / f"a{k}"))
+    return out
+
+
+def _workload(eng, prompts, adapters):
+    """Everything one engine answers; the futures are all submitted before any is awaited."""
+    greedy = SamplingParams(max_tokens=9, temperature=0.0)
+    hot = SamplingParams(max_tokens=7, temperature=1.0, top_p=0.95, seed=5)
+    futs = [eng.sample(p, 2, greedy) for p in prompts]  # forks: copies of the partial last block
+    futs += [eng.sample(prompts[0], 1, greedy, adapter=a) for a in adapters]
+    futs.append(eng.sample(prompts[1], 3, hot))
+    scored = eng.compute_logprobs(prompts[2] + prompts[0])
+    res = [f.result(timeout=120) for f in futs]
+    tokens = [[s.tokens for s in r.sequences] for r in res]
+    lps = [lp for r in res for s in r.sequences for lp in s.raw_logprobs]
+    return tokens, torch.tensor(lps), torch.tensor(scored.result(timeout=120)[1:])
+
+
+def test_tp2_serves_like_tp1(checkpoint, tmp_path):
+    folder = checkpoint("qwen3")  # q/k norms on the local heads
+    prompts = _prompts(3, (6, 13, 1, 22))
+    adapters = _adapters(folder, tmp_path)
+    kw = dict(max_batch_size=16, block_size=4, kv_cache_tokens=512)
+    with InferenceModel(folder, **kw) as one:
+        ref = _workload(one, prompts, adapters)
+    model = load_model(folder)
+    state = {n: p.detach() * (1.25 if "qkv" in n or "embed" in n else 1.0) for n, p in model.state_dict().items()}
+    with InferenceModel(folder, tp=2, **kw) as two:
+        assert two.tp == 2 and two.model is None
+        got = _workload(two, prompts, adapters)
+        # Bad input is refused in this process; the ranks keep serving.
+        with pytest.raises(KeyError, match="not a weight"):
+            two.update_weights({"layers.0.nope": torch.zeros(1)}).result(timeout=60)
+        with pytest.raises(ValueError, match="has shape"):
+            two.update_weights({"norm.weight": torch.zeros(3)}).result(timeout=60)
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}')
+        from safetensors.torch import save_file
+        save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 5)},
+                  str(bad / "adapter_model.safetensors"))
+        with pytest.raises(ValueError, match="could not be loaded"):
+            two.sample(prompts[0], 1, SamplingParams(max_tokens=2), adapter=bad).result(timeout=60)
+        # Full weights updated in place (each rank keeps its slice of every tensor).
+        assert two.update_weights(state).result(timeout=60) == 1
+        after = two.sample(prompts[1], 1, SamplingParams(max_tokens=6, temperature=0.0)).result(timeout=60)
+    assert got[0] == ref[0]
+    assert ref[0][4][0] != ref[0][0][0] and ref[0][5][0] != ref[0][0][0]  # the adapters changed the tokens
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got[2], ref[2], rtol=0, atol=1e-5)
+    model.load_state_dict(state)
+    with InferenceModel(model, **kw) as one:
+        want = one.sample(prompts[1], 1, SamplingParams(max_tokens=6, temperature=0.0)).result(timeout=60)
+    assert after.sequences[0].tokens == want.sequences[0].tokens
+    assert after.sequences[0].weight_version == 1
+
+
+def _train_and_sample(folder, tp, prompt):
+    """A LoRA trainer at ``tp`` with a sampling client sharing its ranks' weights: logprobs
+    before and after one step, and the client's weight versions."""
+    datum = engine.Datum(model_input=engine.ModelInput.from_ints(prompt[:-1]),
+                         loss_fn_inputs={"target_tokens": prompt[1:]})
+    trainer = engine.model(folder).tp(tp).with_adapter(rank=4).spawn_train(max_batch_size=64)
+    try:
+        sampler = trainer.save_weights_and_get_sampling_client(kv_cache_tokens=256, block_size=4)
+        before = sampler.compute_logprobs(prompt).result(timeout=120)
+        trainer.forward_backward([datum], "cross_entropy")
+        trainer.optim_step(engine.AdamParams(learning_rate=0.05)).result(timeout=120)
+        res = sampler.sample(prompt, 2, SamplingParams(max_tokens=5, temperature=0.0)).result(timeout=120)
+        after = sampler.compute_logprobs(prompt).result(timeout=120)
+    finally:
+        trainer.close()
+    return torch.tensor(before[1:]), torch.tensor(after[1:]), [s.tokens for s in res.sequences], \
+        [s.weight_version for s in res.sequences]
+
+
+def test_sampler_of_a_tp2_trainer_shares_its_weights(checkpoint):
+    folder = checkpoint("llama")
+    (prompt,) = _prompts(8, (12,))
+    ref = _train_and_sample(folder, 1, prompt)
+    got = _train_and_sample(folder, 2, prompt)
+    assert got[3] == ref[3] == [1, 1]  # sampled after the step, with its version
+    assert (got[1] - got[0]).abs().max() > 1e-3  # the step reached the sampler
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=1e-4)
+    assert got[2] == ref[2]
