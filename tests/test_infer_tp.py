@@ -89,9 +89,10 @@ def test_tp2_serves_like_tp1(checkpoint, tmp_path):
     assert after.sequences[0].weight_version == 1
 
 
-def _train_and_sample(folder, tp, prompt):
+def _train_and_sample(folder, tp, prompt, out):
     """A LoRA trainer at ``tp`` with a sampling client sharing its ranks' weights: logprobs
-    before and after one step, and the client's weight versions."""
+    before and after one step, and the client's weight versions; then the saved adapter
+    served by a client of its own (at the trainer's tp) gives the same logprobs."""
     datum = engine.Datum(model_input=engine.ModelInput.from_ints(prompt[:-1]),
                          loss_fn_inputs={"target_tokens": prompt[1:]})
     trainer = engine.model(folder).tp(tp).with_adapter(rank=4).spawn_train(max_batch_size=64)
@@ -102,17 +103,22 @@ def _train_and_sample(folder, tp, prompt):
         trainer.optim_step(engine.AdamParams(learning_rate=0.05)).result(timeout=120)
         res = sampler.sample(prompt, 2, SamplingParams(max_tokens=5, temperature=0.0)).result(timeout=120)
         after = sampler.compute_logprobs(prompt).result(timeout=120)
+        saved = trainer.save_weights_for_sampler(out / f"tp{tp}").result(timeout=120)
+        with trainer.create_sampling_client(saved, kv_cache_tokens=256) as client:
+            assert client.tp == tp
+            torch.testing.assert_close(torch.tensor(client.compute_logprobs(prompt).result(timeout=120)[1:]),
+                                       torch.tensor(after[1:]), rtol=0, atol=1e-5)
     finally:
         trainer.close()
     return torch.tensor(before[1:]), torch.tensor(after[1:]), [s.tokens for s in res.sequences], \
         [s.weight_version for s in res.sequences]
 
 
-def test_sampler_of_a_tp2_trainer_shares_its_weights(checkpoint):
+def test_sampler_of_a_tp2_trainer_shares_its_weights(checkpoint, tmp_path):
     folder = checkpoint("llama")
     (prompt,) = _prompts(8, (12,))
-    ref = _train_and_sample(folder, 1, prompt)
-    got = _train_and_sample(folder, 2, prompt)
+    ref = _train_and_sample(folder, 1, prompt, tmp_path)
+    got = _train_and_sample(folder, 2, prompt, tmp_path)
     assert got[3] == ref[3] == [1, 1]  # sampled after the step, with its version
     assert (got[1] - got[0]).abs().max() > 1e-3  # the step reached the sampler
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-5)

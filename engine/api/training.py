@@ -172,10 +172,12 @@ class TrainingModel:
 
     def create_sampling_client(self, path: str, **kwargs):
         """A sampling client of weights saved by ``save_weights_for_sampler``: a PEFT adapter
-        folder (served on this model's base checkpoint) or a full Hugging Face folder."""
+        folder (served on this model's base checkpoint) or a full Hugging Face folder. It
+        runs at this model's tp unless ``tp=`` says otherwise."""
         from engine.infer import InferenceModel
 
         folder = Path(path)
+        kwargs.setdefault("tp", self._info["tp"])  # the same number of ranks as this model
         if (folder / "adapter_config.json").is_file():
             return InferenceModel(self._source, adapter=str(folder), **kwargs)
         if (folder / "config.json").is_file():
