@@ -43,6 +43,13 @@ from ._dispatch import interpreting
 FUSED_DY_MAX_RANK = 32  # padded rank up to which dyB and dB share one pass over dy
 POISON = False  # tests: fill every output buffer with NaN before the kernels write it
 TEST_BLOCKS: dict | None = None  # tests: force small blocks and several splits, e.g. dict(n=16, k=16, o=16, splits=2)
+# Base GEMM + rank-r term: "fused" (one Triton GEMM writes y / dx with the term in its
+# epilogue) or "cublas" (a Triton kernel pre-writes the term, cuBLAS adds the base with
+# beta=1). None: time both on the first call of each shape class and keep the faster
+# (CUDA, bf16/fp16); the interpreter and float32 take "cublas". Tests force one.
+GEMM: str | None = None
+_GEMM_CONFIGS = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4))
+_GEMM_PICKS: dict = {}  # shape class -> "cublas" or a config of _GEMM_CONFIGS
 _BIG = tl.constexpr(2**30)  # id of rows without an adapter (jit globals must be constexpr)
 
 
@@ -258,6 +265,66 @@ def _bwd_dx_kernel(x_ptr, stride_xn, a_ptr, stride_ar, stride_ak, dyb_ptr, strid
         tl.atomic_add(da_ptr + rr[:, None] * K + cols[None, :], da, mask=(rr < BLOCK_R)[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _gemm_lowrank_kernel(p_ptr, stride_pm, stride_pk, q_ptr, stride_qk, stride_qn, lo_ptr, stride_lm,
+                         rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr, stride_cm,
+                         M, N, K, R, scale, seed, p, inv_keep,
+                         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
+                         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = P @ Q + scale * lo @ rt (* dropout keep-mask / (1 - p)) + bias, written once.
+
+    P [M, K] and Q [K, N] in C's dtype (any strides), lo [M, >= R] (xa or dyB) and rt
+    [R, N] (B.T or A, any strides), padded with zeros to BLOCK_R. The low-rank product is
+    one more MMA into the same float32 accumulator (without dropout) after the K loop, so
+    the rank-r term costs no pass over C: the forward's y and the backward's dx are
+    written once instead of pre-written and read back by cuBLAS. Grouped tile order
+    (GROUP_M row tiles share the Q tiles in L2), as in Triton's matmul tutorial."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows / columns load in-range data (wrapped) and are never stored: only K
+    # needs a mask in the loop.
+    rm = (rows % M).to(tl.int64)
+    rn = (cols % N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    p_ptrs = p_ptr + rm[:, None] * stride_pm + rk[None, :] * stride_pk
+    q_ptrs = q_ptr + rk[:, None] * stride_qk + rn[None, :] * stride_qn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(p_ptrs)
+            b = tl.load(q_ptrs)
+        else:
+            a = tl.load(p_ptrs, mask=(k0 + rk < K)[None, :], other=0.0)
+            b = tl.load(q_ptrs, mask=(k0 + rk < K)[:, None], other=0.0)
+        acc = _dot(a, b, acc, PREC)
+        p_ptrs += BLOCK_K * stride_pk
+        q_ptrs += BLOCK_K * stride_qk
+    dtype = c_ptr.dtype.element_ty
+    rr = tl.arange(0, BLOCK_R)
+    lo = tl.load(lo_ptr + rm[:, None] * stride_lm + rr[None, :], mask=(rr < R)[None, :], other=0.0).to(tl.float32)
+    rt = _to(tl.load(rt_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=(rr < R)[:, None], other=0.0),
+             dtype, PREC)
+    if HAS_DROPOUT:  # the mask acts on the low-rank term only: a product of its own
+        low = _dot(_to(lo, dtype, PREC), rt, None, PREC)
+        keep = _keep(seed, p, rows, pid_n * BLOCK_N, N, BLOCK_N)
+        acc += tl.where(keep, low * (scale * inv_keep), 0.0)
+    else:
+        acc = _dot(_to(lo * scale, dtype, PREC), rt, acc, PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], _to(acc, dtype, PREC),
+             mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
 # ---------------------------------------------------------------------------------------
 # launchers
 
@@ -367,6 +434,41 @@ def _expand(xa, b, y, bias, scale, *, ids=None) -> None:
         BLOCK_N=bn, BLOCK_O=blk["o"], BLOCK_R=r_pad, num_warps=4)
 
 
+def _gemm_lowrank(p_op, q_op, lo, rt, r: int, scale: float, bias, out, seed: int, p: float, config) -> None:
+    """out [M, N] = p_op [M, K] @ q_op [K, N] + scale * lo @ rt[:r] (dropout-masked when
+    p > 0) + bias; q_op and rt may be transposed views. config: (BM, BN, BK, warps, stages)."""
+    m, k = p_op.shape
+    n = q_op.shape[1]
+    if interpreting() or TEST_BLOCKS is not None:
+        config = (16, 32, 16, 4, 1) if TEST_BLOCKS is None else (TEST_BLOCKS["n"], TEST_BLOCKS["o"], TEST_BLOCKS["k"], 4, 1)
+    bm, bn, bk, warps, stages = config
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _gemm_lowrank_kernel[grid](
+        p_op, p_op.stride(0), p_op.stride(1), q_op, q_op.stride(0), q_op.stride(1), lo, lo.stride(0),
+        rt, rt.stride(0), rt.stride(1), bias if bias is not None else out, out, out.stride(0),
+        m, n, k, r, scale, seed, p, 1.0 / (1.0 - p),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, EVEN_K=k % bk == 0, PREC=_prec(out.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_r_pad(r), GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
+def _pick_gemm(kind: str, out: torch.Tensor, k: int, r_pad: int, flags: tuple, runs) -> object:
+    """"cublas" or a fused config for this shape class. ``runs(choice)`` performs the
+    product with that choice (it overwrites ``out`` only). Timed once per class on CUDA:
+    every fused config against the cuBLAS path, with triton.testing.do_bench."""
+    if GEMM is not None:
+        return "cublas" if GEMM == "cublas" else _GEMM_CONFIGS[0]
+    if not out.is_cuda or out.dtype == torch.float32:
+        return "cublas"
+    m, n = out.shape
+    key = (kind, triton.next_power_of_2(m), n, k, r_pad, out.dtype, out.device.index, flags)
+    pick = _GEMM_PICKS.get(key)
+    if pick is None:
+        times = {c: triton.testing.do_bench(lambda c=c: runs(c), warmup=5, rep=25)
+                 for c in ("cublas", *_GEMM_CONFIGS)}
+        pick = _GEMM_PICKS[key] = min(times, key=times.get)
+    return pick
+
+
 def lora_fwd(x, weight, a, b, bias, scale: float, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, in] (unit last stride) -> (y [N, out], xa [N, r_pad] float32, unscaled)."""
     n = x.shape[0]
@@ -377,8 +479,15 @@ def lora_fwd(x, weight, a, b, bias, scale: float, p: float, seed: int) -> tuple[
         return y, xa
     with _device(x):
         _shrink(x, a, xa, seed=seed, p=p)
-        _expand(xa, b, y, bias, scale)
-    y.addmm_(x, weight.t())
+
+        def run(choice):
+            if choice == "cublas":
+                _expand(xa, b, y, bias, scale)
+                y.addmm_(x, weight.t())
+            else:
+                _gemm_lowrank(x, weight.t(), xa, b.t(), b.shape[1], scale, bias, y, 0, 0.0, choice)
+
+        run(_pick_gemm("fwd", y, x.shape[1], r_pad, (bias is not None,), run))
     return y, xa
 
 
@@ -419,23 +528,40 @@ def lora_bwd(dy, x, weight, a, b, xa, scale: float, p: float, seed: int, needs: 
                 db = torch.mm(dy.t(), xa[:, :r].to(dy.dtype)).mul_(scale).to(b.dtype)
             if need_bias:
                 dbias = dy.sum(0)
-        if need_x or need_a:
+        dx = _empty((n, k), x.dtype, dev) if need_x else None
+        da_acc = torch.zeros(r_pad, k, **f32) if need_a else None
+
+        def dx_da(with_dx: bool, with_da: bool):
+            """dx = scale * (dyB @ A) * mask (the C of dx += dy @ W) and / or dA."""
             blk = _blocks("dx", r_pad)
             tiles_k = triton.cdiv(k, blk["k"])
             row_tiles = triton.cdiv(n, blk["n"])
             splits = _split(row_tiles, tiles_k, _target_programs(dy), blk["splits"])
             n_per_split = triton.cdiv(row_tiles, splits) * blk["n"]
-            dx = _empty((n, k), x.dtype, dev) if need_x else None
-            da_acc = torch.zeros(r_pad, k, **f32) if need_a else dyb
             _bwd_dx_kernel[(tiles_k, triton.cdiv(n, n_per_split))](
-                x, x.stride(0), a, a.stride(0), a.stride(1), dyb, dyb.stride(0), dx if need_x else dyb,
-                dx.stride(0) if need_x else 0, da_acc, n, k, r, n_per_split, scale, seed, p, 1.0 / (1.0 - p),
-                NEED_DX=need_x, NEED_DA=need_a, HAS_DROPOUT=p > 0, PREC=_prec(x.dtype),
+                x, x.stride(0), a, a.stride(0), a.stride(1), dyb, dyb.stride(0), dx if with_dx else dyb,
+                dx.stride(0) if with_dx else 0, da_acc if with_da else dyb, n, k, r, n_per_split, scale, seed, p,
+                1.0 / (1.0 - p), NEED_DX=with_dx, NEED_DA=with_da, HAS_DROPOUT=p > 0, PREC=_prec(x.dtype),
                 BLOCK_N=blk["n"], BLOCK_K=blk["k"], BLOCK_R=r_pad, num_warps=4, num_stages=3)
+
+        def run_dx(choice):
+            if choice == "cublas":
+                dx_da(True, False)
+                dx.addmm_(dy, weight)
+            else:
+                _gemm_lowrank(dy, weight, dyb, a, r, scale, None, dx, seed, p, choice)
+
+        pick = _pick_gemm("dx", dx, m, r_pad, (p > 0,), run_dx) if need_x else None
+        if pick == "cublas":
+            dx_da(True, need_a)  # one kernel writes dx's C and accumulates dA
+            dx.addmm_(dy, weight)
+        else:
             if need_a:
-                da = (da_acc[:r] * scale).to(a.dtype)
-    if need_x:
-        dx.addmm_(dy, weight)
+                dx_da(False, True)
+            if need_x:
+                run_dx(pick)
+        if need_a:
+            da = (da_acc[:r] * scale).to(a.dtype)
     if need_w:
         dw = torch.mm(dy.t(), x)
     return dx, dw, da, db, dbias

@@ -138,6 +138,36 @@ def test_low_precision_within_twice_torch_error(dtype, lora_dtype):
         assert err <= 2 * err_torch + 1e-3, (name, err.item(), err_torch.item())
 
 
+@pytest.mark.parametrize("r, bias, p, dtype, tiles", [
+    (7, True, 0.0, torch.float32, None),
+    (40, False, 0.0, torch.float32, None),            # rank padded to 64, dyB from cuBLAS
+    (6, True, 0.3, torch.float32, dict(n=16, k=16, o=16, splits=2)),  # dropout, several tiles and K steps
+    (16, True, 0.0, torch.bfloat16, None),
+])
+def test_fused_gemm_epilogue(monkeypatch, r, bias, p, dtype, tiles):
+    """The Triton GEMM that adds the rank-r term in its epilogue (forward y, backward dx)
+    instead of cuBLAS adding the base onto a pre-written term: same results."""
+    monkeypatch.setattr(lora_triton, "GEMM", "fused")
+    monkeypatch.setattr(lora_triton, "TEST_BLOCKS", tiles)
+    x, w, a, b, bias = _lora_inputs(r, bias=bias, dtype=dtype, train_weight=True, seed=6)
+    y = lora_linear(x, w, a, b, 0.6, bias=bias, dropout=p, dropout_seed=21, impl="triton")
+    keep = lora_dropout_mask(x.shape, p, 21, impl="triton") if p else None
+    ref = _reference64(x, w, a, b, bias, 0.6, keep, p)
+    if dtype == torch.float32:
+        _check_all(x, w, a, b, bias, y, ref, grad_tol=(1e-4, 1e-5))
+        return
+    up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inputs = [t for t in (x, w, a, b, bias) if t is not None and t.requires_grad]
+    truth = (ref, *torch.autograd.grad(ref, inputs, up))
+    fused = (y, *torch.autograd.grad(y, inputs, up.to(dtype)))
+    y2 = lora_linear(x, w, a, b, 0.6, bias=bias, impl="torch")
+    eager = (y2, *torch.autograd.grad(y2, inputs, up.to(dtype)))
+    for i, (tr, ours, theirs) in enumerate(zip(truth, fused, eager)):
+        err = (ours.double() - tr).norm() / tr.norm()
+        err_torch = (theirs.double() - tr).norm() / tr.norm()
+        assert err <= 2 * err_torch + 1e-3, (i, err.item(), err_torch.item())
+
+
 def test_empty_batch():
     x, w, a, b, bias = _lora_inputs(4, lead=(0,))
     for impl in IMPLS:
