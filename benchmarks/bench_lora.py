@@ -26,9 +26,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import peak_memory_bytes, save, table, time_ms  # noqa: E402
+import kernels.lora_triton as lora_triton  # noqa: E402
 from kernels import lora_linear, lora_linear_multi, pack_lora_adapters  # noqa: E402
 
 TRAIN_SHAPES = [(4096, 4096, 16), (4096, 14336, 64)]  # (in, out, r)
+# The two schemes lora_linear chooses between (it times both on its first call per shape).
+FORCED_GEMM = {"engine, cuBLAS + pre-written term": "cublas", "engine, fused-epilogue GEMM": "fused"}
 
 
 def _peft_layer(weight, a, b, alpha):
@@ -66,6 +69,9 @@ def train_rows(n: int, shapes, device, dtype) -> list[dict]:
             "base linear (frozen)": lambda: F.linear(x, w),
             "eager LoRA formula": lambda: F.linear(x, w) + scale * F.linear(F.linear(x, a), b),
             "engine lora_linear": lambda: lora_linear(x, w, a, b, scale),
+            # The two schemes lora_linear picks between (timed on its first call per shape).
+            "engine, cuBLAS + pre-written term": lambda: lora_linear(x, w, a, b, scale),
+            "engine, fused-epilogue GEMM": lambda: lora_linear(x, w, a, b, scale),
         }
         layer = _peft_layer(w, a.detach(), b.detach(), alpha)
         if layer is None:
@@ -74,10 +80,14 @@ def train_rows(n: int, shapes, device, dtype) -> list[dict]:
             runs["peft LoRA layer"] = lambda: layer(x)
         for name, fn in runs.items():
             for mode in ("fwd", "fwd+bwd"):
-                def step(fn=fn, mode=mode):
-                    y = fn()
-                    if mode == "fwd+bwd":
-                        y.backward(dy)
+                def step(fn=fn, mode=mode, gemm=FORCED_GEMM.get(name)):
+                    lora_triton.GEMM = gemm
+                    try:
+                        y = fn()
+                        if mode == "fwd+bwd":
+                            y.backward(dy)
+                    finally:
+                        lora_triton.GEMM = None
                     return y
                 ms = time_ms(step)
                 peak = peak_memory_bytes(step)

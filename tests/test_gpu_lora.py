@@ -19,13 +19,15 @@ def _eager(x, w, a, b, bias, scale):
     return y
 
 
+@pytest.mark.parametrize("gemm", [None, "cublas", "fused"])  # None: lora_linear times both and picks
 @pytest.mark.parametrize("n, k, m, r, bias", [
     (8192, 4096, 4096, 16, False),
     (8192, 4096, 14336, 64, False),   # the backward's dy pass on cuBLAS (padded rank > 32)
     (3001, 2048, 3072, 48, True),     # fused q/k/v shape: 3 blocks of rank 16, odd N
     (1000, 1536, 8960, 8, True),
 ])
-def test_bf16_within_twice_torch_error(n, k, m, r, bias):
+def test_bf16_within_twice_torch_error(monkeypatch, n, k, m, r, bias, gemm):
+    monkeypatch.setattr(lora_triton, "GEMM", gemm)
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(n, k, device="cuda", generator=g).bfloat16().requires_grad_()
@@ -67,9 +69,11 @@ def test_trainable_weight_and_fp32_adapters():
         assert _rel(o, ref) < 1e-2, name
 
 
-def test_dropout_matches_regenerated_mask():
+@pytest.mark.parametrize("gemm", ["cublas", "fused"])
+def test_dropout_matches_regenerated_mask(monkeypatch, gemm):
     """float32 on the GPU (true float32 products): the output and gradients equal the
     formula under the mask lora_dropout_mask regenerates, and the mask keeps 1 - p."""
+    monkeypatch.setattr(lora_triton, "GEMM", gemm)
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(2)
     n, k, m, r, p = 3000, 1000, 1200, 8, 0.2

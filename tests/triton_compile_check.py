@@ -125,6 +125,17 @@ def lora():
             b = torch.randn(96, r, dtype=dtype, requires_grad=True)
             attempt(f"lora {dtype} r={r}", lambda: kernels.lora_linear(x, w, a, b, 0.5, dropout=0.1,
                                                                         impl="triton").sum().backward())
+        configs = lora_triton._GEMM_CONFIGS
+        lora_triton.GEMM = "fused"  # the GEMM with the rank-r epilogue, in every tile config
+        for config in configs if dtype == torch.bfloat16 else configs[:1]:
+            lora_triton._GEMM_CONFIGS = (config,)
+            for p, bias in ((0.0, torch.randn(96, dtype=dtype)), (0.1, None)):
+                x = torch.randn(32, 64, dtype=dtype, requires_grad=True)
+                a = torch.randn(16, 64, dtype=dtype, requires_grad=True)
+                b = torch.randn(96, 16, dtype=dtype, requires_grad=True)
+                attempt(f"lora fused {config}", lambda: kernels.lora_linear(
+                    x, torch.randn(96, 64, dtype=dtype), a, b, 0.5, bias=bias, dropout=p, impl="triton").sum().backward())
+        lora_triton.GEMM, lora_triton._GEMM_CONFIGS = None, configs
         ids = torch.tensor([0, -1, 1] * 10 + [1, 0], dtype=torch.int32)
         attempt(f"lora_multi {dtype}", lambda: kernels.lora_linear_multi(
             torch.randn(32, 64, dtype=dtype), torch.randn(96, 64, dtype=dtype), torch.randn(2, 16, 64, dtype=dtype),
