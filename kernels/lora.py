@@ -168,10 +168,10 @@ def lora_linear(x, weight, lora_a, lora_b, scale, *, bias=None, dropout=0.0, dro
 
     Returns:
         y [..., out] in x's dtype, differentiable in x, weight, bias, lora_a and lora_b.
-        The Triton backend keeps the base GEMMs on cuBLAS and adds the low-rank terms with
-        no extra full-size pass beyond reading x and writing y once each (forward) and
-        reading dy (twice above rank 32), reading x and writing dx once each (backward); see
-        ``lora_triton.py`` for the byte count. Its float32 partial sums are added with
+        The Triton backend runs the base GEMMs either on cuBLAS, with the low-rank term
+        pre-written as their C, or as one Triton GEMM with the term in its epilogue,
+        whichever it timed faster for the shape on its first call; see ``lora_triton.py``
+        for the byte counts. Its float32 partial sums are added with
         atomics, so results may differ in the last bits between runs.
     """
     _check_base(x, weight, bias)

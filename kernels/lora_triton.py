@@ -1,7 +1,17 @@
 """Triton backend of lora_linear and lora_linear_multi.
 
-The base GEMMs stay on cuBLAS; Triton does the rank-r work, which is memory-bound, so
-the design counts bytes. N tokens, in / out features, rank r, activations of 2 bytes:
+Two schemes for the base GEMMs, chosen per shape class by timing both on the first call
+(``_pick_gemm``; float32 and the interpreter take the first):
+
+* "cublas" (below): the base GEMMs stay on cuBLAS; Triton kernels pre-write the rank-r
+  term into y and dx, which cuBLAS reads back as C (beta=1);
+* "fused": ``_gemm_lowrank_kernel``, a Triton GEMM that adds the rank-r term as one more
+  MMA into its accumulator before the single store of y (forward) or dx (backward, the
+  dropout mask regenerated in its epilogue): two full passes fewer (the pre-write and its
+  read-back, in each direction), if the Triton GEMM keeps up with cuBLAS.
+
+Triton does the rank-r work, which is memory-bound, so the design counts bytes. N
+tokens, in / out features, rank r, activations of 2 bytes (the "cublas" scheme):
 
 forward   xa = dropout(x) @ A.T            shrink kernel: reads x once (2·N·in bytes)
           y  = scale * xa @ B.T + bias     expand kernel: writes y once (2·N·out)
