@@ -34,3 +34,27 @@ def checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def peft_adapters(tmp_path):
+    """peft_adapters(folder) -> paths of two PEFT adapters with random A and B made by peft
+    on transformers: r=4 on q/v/down and r=6 on k/o/gate/up."""
+    def make(folder):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        out = []
+        for k, targets in enumerate((["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "gate_proj", "up_proj"])):
+            pm = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                                LoraConfig(r=4 + 2 * k, lora_alpha=8, target_modules=targets))
+            g = torch.Generator().manual_seed(10 + k)
+            with torch.no_grad():
+                for name, p in pm.named_parameters():
+                    if "lora_" in name:
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            pm.save_pretrained(tmp_path / f"adapter{k}")
+            out.append(str(tmp_path / f"adapter{k}"))
+        return out
+
+    return make

@@ -127,24 +127,11 @@ def test_samples_share_the_prompt_blocks(checkpoint):
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
-def test_greedy_with_adapters_matches_peft(checkpoint, tmp_path):
+def test_greedy_with_adapters_matches_peft(checkpoint, peft_adapters):
     """Two PEFT adapters and the base model mixed in one running batch, each checked
     against peft on transformers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     folder = checkpoint("qwen2")
-    adapters = []
-    for k, targets in enumerate((["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "gate_proj", "up_proj"])):
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        pm = get_peft_model(hf, LoraConfig(r=4 + 2 * k, lora_alpha=8, target_modules=targets))
-        g = torch.Generator().manual_seed(10 + k)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        pm.save_pretrained(tmp_path / f"a{k}")
-        adapters.append(str(tmp_path / f"a{k}"))
+    adapters = peft_adapters(folder)
     prompts = _prompts(5, (7, 12, 4))
     which = [adapters[0], None, adapters[1]]
     params = SamplingParams(max_tokens=8, temperature=0.0)

@@ -3,6 +3,8 @@
 tp=1 is checked against transformers and peft in test_infer.py; here tp=2 must give the
 same tokens and the same logprobs within float32 rounding, through forks (block copies
 on every rank), mixed adapters, weight updates, and a sampler sharing a tp=2 trainer."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -16,24 +18,6 @@ VOCAB = 1031  # odd: the two ranks hold vocabulary slices of different sizes
 def _prompts(seed, lengths):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-def _adapters(folder, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    out = []
-    for k, targets in enumerate((["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "gate_proj", "up_proj"])):
-        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
-                            LoraConfig(r=4 + 2 * k, lora_alpha=8, target_modules=targets))
-        g = torch.Generator().manual_seed(10 + k)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        pm.save_pretrained(tmp_path / f"a{k}")
-        out.append(str(tmp_path / f"a{k}"))
-    return out
 
 
 def _workload(eng, prompts, adapters):
@@ -50,10 +34,11 @@ def _workload(eng, prompts, adapters):
     return tokens, torch.tensor(lps), torch.tensor(scored.result(timeout=120)[1:])
 
 
-def test_tp2_serves_like_tp1(checkpoint, tmp_path):
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+def test_tp2_serves_like_tp1(checkpoint, tmp_path, peft_adapters):
     folder = checkpoint("qwen3")  # q/k norms on the local heads
     prompts = _prompts(3, (6, 13, 1, 22))
-    adapters = _adapters(folder, tmp_path)
+    adapters = peft_adapters(folder)
     kw = dict(max_batch_size=16, block_size=4, kv_cache_tokens=512)
     with InferenceModel(folder, **kw) as one:
         ref = _workload(one, prompts, adapters)
