@@ -398,6 +398,16 @@ def test_sampling_clients_follow_training(llama, tmp_path):
         client = trainer.create_sampling_client(saved)
         torch.testing.assert_close(client_lp(client), trained_lp.float(), rtol=1e-4, atol=1e-4)
         client.close()
+        # Closing the shared client does not stall training; asking again makes a new one.
+        sampler.close()
+        trainer.forward_backward(data, "cross_entropy")
+        trainer.optim_step(engine.AdamParams(5e-2)).result(timeout=60)
+        with pytest.raises(RuntimeError, match="closed"):
+            sampler.update_weights().result(timeout=5)
+        again = trainer.save_weights_and_get_sampling_client()
+        assert again is not sampler
+        trained_lp = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        torch.testing.assert_close(client_lp(again), trained_lp.float(), rtol=1e-4, atol=1e-4)
     finally:
         trainer.close()
     base = engine.model(llama).spawn_inference(max_batch_size=64)

@@ -117,6 +117,7 @@ class InferenceModel:
         self._ids = itertools.count()
         self._inbox: queue.Queue = queue.Queue()
         self._closed = False
+        self._lock = threading.Lock()  # orders close() against calls that queue work
         self.stats = {"steps": 0, "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="engine-infer", daemon=True)
         self._thread.start()
@@ -163,7 +164,11 @@ class InferenceModel:
         shares them). Future of the new version. Sequences in flight keep their cached
         keys/values; tokens sampled after the update use the new weights."""
         fut = Future()
-        self._inbox.put(("update", state_dict, fut))
+        with self._lock:
+            if self._closed:
+                fut._set_exception(RuntimeError("InferenceModel is closed"))
+            else:
+                self._inbox.put(("update", state_dict, fut))
         return fut
 
     def run_between_steps(self, fn) -> Future:
@@ -171,14 +176,24 @@ class InferenceModel:
         future of its result. A trainer sharing this model's weights runs its work this way,
         so a decode step never sees half-updated weights."""
         fut = Future()
-        self._inbox.put(("call", fn, fut))
+        with self._lock:
+            if not self._closed:
+                self._inbox.put(("call", fn, fut))
+                return fut
+        self._thread.join()  # closed: no step will run again, so fn runs here
+        try:
+            fut._set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - delivered to the caller
+            fut._set_exception(e)
         return fut
 
     def close(self) -> None:
-        if not self._closed:
+        with self._lock:  # a call queued before this runs before the engine stops
+            if self._closed:
+                return
             self._closed = True
             self._inbox.put(("close",))
-            self._thread.join(timeout=30)
+        self._thread.join(timeout=30)
 
     def __enter__(self):
         return self
