@@ -31,7 +31,8 @@ from kernels import lora_linear, lora_linear_multi, pack_lora_adapters  # noqa: 
 
 TRAIN_SHAPES = [(4096, 4096, 16), (4096, 14336, 64)]  # (in, out, r)
 # The two schemes lora_linear chooses between (it times both on its first call per shape).
-FORCED_GEMM = {"engine, cuBLAS + pre-written term": "cublas", "engine, fused-epilogue GEMM": "fused"}
+FORCED_GEMM = {"engine, cuBLAS + pre-written term": "cublas", "engine, fused-epilogue GEMM": "fused",
+               "engine, fused-epilogue GEMM (TMA)": "fused-tma"}
 
 
 def _peft_layer(weight, a, b, alpha):
@@ -72,6 +73,7 @@ def train_rows(n: int, shapes, device, dtype) -> list[dict]:
             # The two schemes lora_linear picks between (timed on its first call per shape).
             "engine, cuBLAS + pre-written term": lambda: lora_linear(x, w, a, b, scale),
             "engine, fused-epilogue GEMM": lambda: lora_linear(x, w, a, b, scale),
+            "engine, fused-epilogue GEMM (TMA)": lambda: lora_linear(x, w, a, b, scale),
         }
         layer = _peft_layer(w, a.detach(), b.detach(), alpha)
         if layer is None:

@@ -19,7 +19,7 @@ def _eager(x, w, a, b, bias, scale):
     return y
 
 
-@pytest.mark.parametrize("gemm", [None, "cublas", "fused"])  # None: lora_linear times both and picks
+@pytest.mark.parametrize("gemm", [None, "cublas", "fused", "fused-tma"])  # None: lora_linear times all, picks
 @pytest.mark.parametrize("n, k, m, r, bias", [
     (8192, 4096, 4096, 16, False),
     (8192, 4096, 14336, 64, False),   # the backward's dy pass on cuBLAS (padded rank > 32)

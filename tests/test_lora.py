@@ -25,13 +25,15 @@ def _tensor(g, *shape, scale=1.0, dtype=torch.float32, grad=False):
     return t.requires_grad_() if grad else t
 
 
-def _lora_inputs(r, *, lead=(N,), bias=True, dtype=torch.float32, lora_dtype=None, train_weight=False, seed=0):
+def _lora_inputs(r, *, lead=(N,), bias=True, dtype=torch.float32, lora_dtype=None, train_weight=False, seed=0,
+                 features=(IN, OUT)):
     g = torch.Generator().manual_seed(seed)
-    x = _tensor(g, *lead, IN, dtype=dtype, grad=True)
-    w = _tensor(g, OUT, IN, scale=0.2, dtype=dtype, grad=train_weight)
-    a = _tensor(g, r, IN, scale=0.3, dtype=lora_dtype or dtype, grad=True)
-    b = _tensor(g, OUT, r, scale=0.3, dtype=lora_dtype or dtype, grad=True)
-    bias = _tensor(g, OUT, dtype=dtype, grad=True) if bias else None
+    n_in, n_out = features
+    x = _tensor(g, *lead, n_in, dtype=dtype, grad=True)
+    w = _tensor(g, n_out, n_in, scale=0.2, dtype=dtype, grad=train_weight)
+    a = _tensor(g, r, n_in, scale=0.3, dtype=lora_dtype or dtype, grad=True)
+    b = _tensor(g, n_out, r, scale=0.3, dtype=lora_dtype or dtype, grad=True)
+    bias = _tensor(g, n_out, dtype=dtype, grad=True) if bias else None
     return x, w, a, b, bias
 
 
@@ -138,18 +140,21 @@ def test_low_precision_within_twice_torch_error(dtype, lora_dtype):
         assert err <= 2 * err_torch + 1e-3, (name, err.item(), err_torch.item())
 
 
-@pytest.mark.parametrize("r, bias, p, dtype, tiles", [
-    (7, True, 0.0, torch.float32, None),
-    (40, False, 0.0, torch.float32, None),            # rank padded to 64, dyB from cuBLAS
-    (6, True, 0.3, torch.float32, dict(n=16, k=16, o=16, splits=2)),  # dropout, several tiles and K steps
-    (16, True, 0.0, torch.bfloat16, None),
+@pytest.mark.parametrize("gemm, r, bias, p, dtype, tiles, features", [
+    ("fused", 7, True, 0.0, torch.float32, None, (IN, OUT)),
+    ("fused", 40, False, 0.0, torch.float32, None, (IN, OUT)),  # rank padded to 64, dyB from cuBLAS
+    ("fused", 6, True, 0.3, torch.float32, dict(n=16, k=16, o=16, splits=2), (IN, OUT)),  # dropout, many tiles
+    ("fused", 16, True, 0.0, torch.bfloat16, None, (IN, OUT)),
+    # TMA loads: 16-byte aligned rows; K not a multiple of the tile (zero-filled reads)
+    ("fused-tma", 5, True, 0.2, torch.float32, dict(n=16, k=16, o=16, splits=2), (52, 72)),
+    ("fused-tma", 16, False, 0.0, torch.bfloat16, None, (56, 40)),
 ])
-def test_fused_gemm_epilogue(monkeypatch, r, bias, p, dtype, tiles):
+def test_fused_gemm_epilogue(monkeypatch, gemm, r, bias, p, dtype, tiles, features):
     """The Triton GEMM that adds the rank-r term in its epilogue (forward y, backward dx)
     instead of cuBLAS adding the base onto a pre-written term: same results."""
-    monkeypatch.setattr(lora_triton, "GEMM", "fused")
+    monkeypatch.setattr(lora_triton, "GEMM", gemm)
     monkeypatch.setattr(lora_triton, "TEST_BLOCKS", tiles)
-    x, w, a, b, bias = _lora_inputs(r, bias=bias, dtype=dtype, train_weight=True, seed=6)
+    x, w, a, b, bias = _lora_inputs(r, bias=bias, dtype=dtype, train_weight=True, seed=6, features=features)
     y = lora_linear(x, w, a, b, 0.6, bias=bias, dropout=p, dropout_seed=21, impl="triton")
     keep = lora_dropout_mask(x.shape, p, 21, impl="triton") if p else None
     ref = _reference64(x, w, a, b, bias, 0.6, keep, p)

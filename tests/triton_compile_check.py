@@ -19,6 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -39,6 +40,8 @@ def _compile_instead_of_run(self, *args, grid, warmup, **kwargs):
             signature[p.name], constants[p.name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             signature[p.name] = "*" + _DTYPES[v.dtype]
+        elif isinstance(v, TensorDescriptor):
+            signature[p.name] = f"tensordesc<{_DTYPES[v.base.dtype]}[{', '.join(map(str, v.block_shape))}]>"
         elif isinstance(v, bool):
             signature[p.name] = "i1"
         elif isinstance(v, int):
