@@ -13,6 +13,7 @@ from engine.infer import InferenceModel, SamplingParams
 from engine.models import load_model
 
 VOCAB = 1031  # odd: the two ranks hold vocabulary slices of different sizes
+PROMPTS = [[5, 900, 17, 3, 3, 41, 1030], [2] * 11, [77]]
 
 
 def _prompts(seed, lengths):
@@ -109,3 +110,30 @@ def test_sampler_of_a_tp2_trainer_shares_its_weights(checkpoint, tmp_path):
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(got[1], ref[1], rtol=0, atol=1e-4)
     assert got[2] == ref[2]
+
+
+def test_serve_tp_under_torchrun(checkpoint, tmp_path):
+    """Ranks launched by torchrun: rank 0's engine drives the other rank (serve_tp)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.parallel.workers import _free_port
+
+    folder = checkpoint("mistral")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "result.pt"
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(root / "tests" / "torchrun_infer_script.py"), str(folder), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out)
+    with InferenceModel(folder, max_batch_size=16, block_size=4, kv_cache_tokens=256) as one:
+        greedy = [one.sample(p, 2, SamplingParams(max_tokens=6, temperature=0.0)) for p in PROMPTS]
+        tokens = [[s.tokens for s in f.result(timeout=60).sequences] for f in greedy]
+        scored = one.compute_logprobs(PROMPTS[1]).result(timeout=60)[1:]
+    assert got["tp"] == 2
+    assert got["tokens"] == tokens
+    torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(scored), rtol=0, atol=1e-5)

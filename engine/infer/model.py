@@ -23,7 +23,7 @@ from engine.models import Transformer, load_config, load_model
 from engine.models.lora import _adapter_tensors, read_peft_adapter
 from engine.parallel import WorkerPool, check_tp
 
-from .runner import LocalExecutor, StepRunner, StepSpec, TPExecutor
+from .runner import LocalExecutor, SPMDExecutor, StepRunner, StepSpec, TPExecutor, follow
 from .sampling import derive_seed
 from .scheduler import Request, Scheduler, Seq
 from .types import Future, SampledSequence, SampleResponse, SamplingParams
@@ -44,6 +44,34 @@ def _as_ints(prompt: Any) -> list[int]:
             raise ValueError(f"prompt holds {t!r}, not a token id")
         out.append(t.__index__())
     return out
+
+
+def _runner_kwargs(max_batch_size, block_size, kv_cache_tokens, gpu_memory_fraction, use_cuda_graphs,
+                   on_cuda: bool) -> dict:
+    """StepRunner's arguments; off CUDA the KV cache defaults to 4 x max_batch_size tokens."""
+    if kv_cache_tokens is None and not on_cuda:
+        kv_cache_tokens = 4 * max_batch_size
+    return dict(block_size=block_size, kv_cache_tokens=kv_cache_tokens, gpu_memory_fraction=gpu_memory_fraction,
+                use_cuda_graphs=use_cuda_graphs)
+
+
+def serve_tp(model, *, max_batch_size: int = 2048, block_size: int = 16, kv_cache_tokens: int | None = None,
+             gpu_memory_fraction: float = 0.9, use_cuda_graphs: bool = True, **kwargs) -> "InferenceModel | None":
+    """Serve a tensor-parallel model from ranks that torchrun launched: every rank calls this
+    with its shard (``engine.parallel.load_tp_model(path, ctx.group)``) and the same
+    arguments. Rank 0 gets the InferenceModel, whose scheduler drives every rank; the other
+    ranks serve it and return None once rank 0 closes it."""
+    if getattr(model, "tp_group", None) is None:
+        raise ValueError("serve_tp needs a tensor-parallel shard (load_tp_model(path, group)); "
+                         "serve a plain model with InferenceModel(model)")
+    if torch.distributed.get_rank(model.tp_group) == 0:
+        return InferenceModel(model, max_batch_size=max_batch_size, block_size=block_size,
+                              kv_cache_tokens=kv_cache_tokens, gpu_memory_fraction=gpu_memory_fraction,
+                              use_cuda_graphs=use_cuda_graphs, **kwargs)
+    on_cuda = model.embed.weight.device.type == "cuda"
+    follow(StepRunner(model, **_runner_kwargs(max_batch_size, block_size, kv_cache_tokens, gpu_memory_fraction,
+                                              use_cuda_graphs, on_cuda)), model.tp_group)
+    return None
 
 
 class InferenceModel:
@@ -80,10 +108,8 @@ class InferenceModel:
             raise ValueError(f"max_batch_size must be a positive int (tokens per step), got {max_batch_size!r}")
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tp must be a positive int, got {tp!r}")
-        runner_kwargs = dict(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
-                             gpu_memory_fraction=gpu_memory_fraction, use_cuda_graphs=use_cuda_graphs)
-        if kv_cache_tokens is None and not torch.cuda.is_available():
-            runner_kwargs["kv_cache_tokens"] = 4 * max_batch_size
+        runner_kwargs = _runner_kwargs(max_batch_size, block_size, kv_cache_tokens, gpu_memory_fraction,
+                                       use_cuda_graphs, torch.cuda.is_available())
         if isinstance(model_or_path, WorkerPool):  # a tensor-parallel trainer's ranks
             executor = TPExecutor.attach(model_or_path, **runner_kwargs)
         elif isinstance(model_or_path, (str, Path)) and tp > 1:
@@ -95,13 +121,15 @@ class InferenceModel:
             model = model_or_path
             if isinstance(model_or_path, (str, Path)):
                 model = load_model(model_or_path, dtype=dtype, device=device)
-            if kv_cache_tokens is None and model.embed.weight.device.type != "cuda":
-                runner_kwargs["kv_cache_tokens"] = 4 * max_batch_size
-            executor = LocalExecutor(StepRunner(model, **runner_kwargs))
+            runner = StepRunner(model, **_runner_kwargs(max_batch_size, block_size, kv_cache_tokens,
+                                                        gpu_memory_fraction, use_cuda_graphs,
+                                                        model.embed.weight.device.type == "cuda"))
+            group = getattr(model, "tp_group", None)
+            executor = LocalExecutor(runner) if group is None else SPMDExecutor(runner, group)  # see serve_tp
         self._executor = executor
         self.config = executor.config
         local = isinstance(executor, LocalExecutor)
-        self.tp = 1 if local else executor.pool.tp
+        self.tp = 1 if local else executor.tp
         self.model = executor.runner.model if local else None  # None: the shards live in the rank processes
         self.tokenizer = tokenizer
         self.cache = executor.blocks  # the host view: block ids and allocator

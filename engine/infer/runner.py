@@ -9,7 +9,9 @@ host results. Two executors hand specs to runners:
 * ``LocalExecutor``: tp=1, the runner lives in the caller's process;
 * ``TPExecutor``: one runner per rank in ``WorkerPool`` processes, either a pool of its own
   (``spawn_inference`` with tp > 1) or the pool of a tensor-parallel ``RemoteTrainer``,
-  whose models the runners share (a sampling client of a tp > 1 TrainingModel).
+  whose models the runners share (a sampling client of a tp > 1 TrainingModel);
+* ``SPMDExecutor``: ranks launched by torchrun (``serve_tp``): rank 0's runner drives and
+  broadcasts each call to the others, which ``follow``.
 
 Under tensor parallelism every rank runs the same step on its heads and its slice of the
 vocabulary; the logits of the rows that are sampled or scored are all-gathered over the
@@ -192,6 +194,46 @@ def _on_rank(state, method, *args):
 def _describe_rank(state):
     runner = _runner(state)
     return runner.cache.num_blocks, runner.model.config
+
+
+class SPMDExecutor:
+    """tp > 1 under torchrun (every rank launched by it, each holding its shard): rank 0
+    drives, broadcasting each call to the other ranks, which run ``follow``."""
+
+    def __init__(self, runner: StepRunner, group):
+        self.runner, self.group = runner, group
+        self.blocks: BlockSpace = BlockSpace(runner.cache.num_blocks, runner.cache.block_size)
+        self.config = runner.model.config
+        self.tp = torch.distributed.get_world_size(group)
+
+    def _call(self, method: str | None, *args):
+        torch.distributed.broadcast_object_list([(method, args)], src=torch.distributed.get_global_rank(self.group, 0),
+                                                group=self.group)
+        return None if method is None else getattr(self.runner, method)(*args)
+
+    def step(self, spec: StepSpec) -> StepResult:
+        return self._call("step", spec)
+
+    def set_adapters(self, slots: list[str]) -> None:
+        self._call("set_adapters", slots)
+
+    def copy_weights(self, items) -> None:
+        self._call("copy_weights", [(n, v.detach().cpu()) for n, v in items])
+
+    def close(self) -> None:
+        self._call(None)
+
+
+def follow(runner: StepRunner, group) -> None:
+    """A rank other than 0 under torchrun: run rank 0's calls until it closes."""
+    src = torch.distributed.get_global_rank(group, 0)
+    while True:
+        box = [None]
+        torch.distributed.broadcast_object_list(box, src=src, group=group)
+        method, args = box[0]
+        if method is None:
+            return
+        getattr(runner, method)(*args)
 
 
 class TPExecutor:
