@@ -240,7 +240,7 @@ class TPExecutor:
     """tp > 1: one StepRunner per rank of ``pool``; every call runs on every rank."""
 
     def __init__(self, pool: WorkerPool, *, block_size: int, owns_pool: bool):
-        self.pool, self.owns_pool = pool, owns_pool
+        self.pool, self.owns_pool, self.tp = pool, owns_pool, pool.tp
         num_blocks, self.config = pool.run(_describe_rank)[0]
         self.blocks = BlockSpace(num_blocks, block_size)
 
