@@ -134,12 +134,11 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         bias = None if self.tp_mode == "row" else self.bias  # a row-parallel bias is added once, after the sum
-        if adapter_ids is not None:
+        if adapter_ids is not None and self.stack_a is not None:
             # Serving only (no autograd): a column shard's input needs no collective. The
             # stacks hold this rank's slices (A's columns on a row shard, B's rows on a column
             # shard), so a row shard's partial outputs, adapters included, sum to the whole.
-            if self.stack_a is None:
-                raise RuntimeError("adapter_ids given but this projection has no adapter stack (set_adapter_stack)")
+            # A projection no stacked adapter targets (stack None) takes the plain path.
             out = kernels.lora_linear_multi(x, self.weight, self.stack_a, self.stack_b, self.stack_scales,
                                             adapter_ids, bias=bias)
         else:
