@@ -416,3 +416,29 @@ def test_sampling_clients_follow_training(llama, tmp_path):
         assert len(out.sequences) == 2 and all(len(s.tokens) == 4 for s in out.sequences)
     finally:
         base.close()
+
+
+def test_shared_sampler_mixes_its_adapter_with_request_adapters(llama, tmp_path):
+    """A sampler sharing a LoRA trainer's model that also serves PEFT adapters per request:
+    requests naming none keep the trained adapter on every projection; a request naming
+    one gets the base model plus that adapter only."""
+    trainer = engine.model(llama).with_adapter(rank=4, alpha=8).spawn_train(max_batch_size=64)
+    data = _data(seed=5)
+    try:
+        trainer.forward_backward(data, "cross_entropy")
+        trainer.optim_step(engine.AdamParams(5e-2)).result()
+        other = engine.model(llama).with_adapter(rank=2, alpha=4, target_modules=["q_proj", "down_proj"]) \
+            .spawn_train(max_batch_size=64)
+        other.forward_backward(data, "cross_entropy")
+        other.optim_step(engine.AdamParams(5e-2)).result()
+        path = other.save_weights_for_sampler(str(tmp_path / "other")).result()
+        want_other = other.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        other.close()
+        sampler = trainer.save_weights_and_get_sampling_client()
+        tokens = data[2].model_input.to_ints() + [int(data[2].loss_fn_inputs["target_tokens"][-1])]
+        mine, theirs = sampler.compute_logprobs(tokens), sampler.compute_logprobs(tokens, adapter=path)
+        want = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        torch.testing.assert_close(torch.tensor(mine.result()[1:]), want.float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(theirs.result()[1:]), want_other.float(), rtol=1e-4, atol=1e-4)
+    finally:
+        trainer.close()

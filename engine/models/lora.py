@@ -134,14 +134,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         bias = None if self.tp_mode == "row" else self.bias  # a row-parallel bias is added once, after the sum
-        if adapter_ids is not None and self.stack_a is not None:
-            # Serving only (no autograd): a column shard's input needs no collective. The
-            # stacks hold this rank's slices (A's columns on a row shard, B's rows on a column
-            # shard), so a row shard's partial outputs, adapters included, sum to the whole.
-            # A projection no stacked adapter targets (stack None) takes the plain path.
-            out = kernels.lora_linear_multi(x, self.weight, self.stack_a, self.stack_b, self.stack_scales,
-                                            adapter_ids, bias=bias)
-        else:
+        if adapter_ids is None:
             if self.tp_mode == "column":
                 x = copy_to_group(x, self.tp_group)
             if self.lora_a is None:
@@ -149,6 +142,19 @@ class LoRALinear(nn.Linear):
             else:
                 out = kernels.lora_linear(x, self.weight, self.lora_a, self.dense_b(), self.scale, bias=bias,
                                           dropout=self.dropout if self.training else 0.0)
+        else:
+            # Serving per-token adapters (no autograd; a column shard's input needs no
+            # collective). The stacks hold this rank's slices (A's columns on a row shard, B's
+            # rows on a column shard), so a row shard's partial outputs sum to the whole. A
+            # projection no stacked adapter targets has no stack: the base alone.
+            if self.stack_a is not None:
+                out = kernels.lora_linear_multi(x, self.weight, self.stack_a, self.stack_b, self.stack_scales,
+                                                adapter_ids, bias=bias)
+            else:
+                out = F.linear(x, self.weight, bias)
+            if self.lora_a is not None:  # the model's own adapter (a trainer's) serves the tokens with id -1
+                own = F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.dense_b().to(x.dtype))
+                out = out + (self.scale * own) * (adapter_ids < 0).to(out.dtype)[:, None]
         if self.tp_mode == "row":
             out = sum_over_group(out, self.tp_group)
             out = out if self.bias is None else out + self.bias
