@@ -56,10 +56,11 @@ FUSED_DY_MAX_RANK = 32  # padded rank up to which dyB and dB share one pass over
 POISON = False  # tests: fill every output buffer with NaN before the kernels write it
 TEST_BLOCKS: dict | None = None  # tests: force small blocks and several splits, e.g. dict(n=16, k=16, o=16, splits=2)
 # Base GEMM + rank-r term: "fused" (one Triton GEMM writes y / dx with the term in its
-# epilogue) or "cublas" (a Triton kernel pre-writes the term, cuBLAS adds the base with
-# beta=1). None: time both on the first call of each shape class and keep the faster
-# (CUDA, bf16/fp16); the interpreter and float32 take "cublas". Tests force one.
-GEMM: str | None = None  # or "cublas", "fused", "fused-tma"
+# epilogue; "fused-tma" with TMA loads) or "cublas" (a Triton kernel pre-writes the term,
+# cuBLAS adds the base with beta=1). None: on the first call of each shape class, time the
+# cuBLAS scheme and every fused config and keep the fastest (CUDA, bf16/fp16); the
+# interpreter and float32 take "cublas". Tests and benchmarks force one.
+GEMM: str | None = None
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, TMA loads)
 _GEMM_CONFIGS = ((128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, False), (128, 128, 64, 8, 4, False),
                  (128, 128, 64, 4, 4, False), (128, 256, 64, 8, 3, True), (128, 128, 64, 8, 4, True))
