@@ -122,7 +122,7 @@ class TrainingModel:
             out = OptimStepOutput(self._trainer.optim_step(
                 float(p.learning_rate), float(p.beta1), float(p.beta2), float(p.eps), float(p.weight_decay),
                 float(p.grad_clip_norm or 0.0)))
-            if self._sampler is not None and not self._sampler._closed:  # its shared weights changed: new version
+            if self._sampler is not None and not self._sampler.closed:  # its shared weights changed: new version
                 self._sampler.update_weights()
             return out
         return self._submit(call)
@@ -156,7 +156,7 @@ class TrainingModel:
         ``kwargs`` (kv_cache_tokens, ...) apply when it is first made."""
         if name is not None:
             self.save_weights_for_sampler(name).result()
-        if self._sampler is None or self._sampler._closed:
+        if self._sampler is None or self._sampler.closed:
             self._sampler = None
             if self._trainer.value_head is not None:
                 raise ValueError("a scoring model has no sampler")

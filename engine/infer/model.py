@@ -215,6 +215,10 @@ class InferenceModel:
             fut._set_exception(e)
         return fut
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         with self._lock:  # a call queued before this runs before the engine stops
             if self._closed:

@@ -4,7 +4,7 @@ The engine thread (model.py) schedules on the host and describes each step as a
 :class:`StepSpec`: plain lists (token ids, block ids, sampling parameters), so it can be
 pickled to tensor-parallel ranks. A :class:`StepRunner` owns one model (or one
 tensor-parallel shard of it), its KV cache and its CUDA graphs, and turns a spec into
-host results. Two executors hand specs to runners:
+host results. Three executors hand specs to runners:
 
 * ``LocalExecutor``: tp=1, the runner lives in the caller's process;
 * ``TPExecutor``: one runner per rank in ``WorkerPool`` processes, either a pool of its own
