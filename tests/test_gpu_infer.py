@@ -1,9 +1,13 @@
 """GPU checks of the inference engine (``pytest -m gpu``): the CUDA sampling extension
-against its torch twin, and CUDA-graph decode against eager decode."""
+against its torch twin, CUDA-graph decode against eager decode, and a step launched
+without waiting for the device."""
+import time
+
 import pytest
 import torch
 
 from engine.infer import InferenceModel, SamplingParams
+from engine.infer.runner import StepRunner, StepSpec
 from engine.infer.sampling import sample_tokens as sample_tokens_torch
 from engine.infer.sampling_op import load_extension, sample_tokens
 from engine.models import load_model
@@ -53,3 +57,36 @@ def test_cuda_graph_decode_equals_eager(checkpoint, family):
             if graphs:
                 assert graphed._graphs, "no decode step was replayed from a graph"
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_step_is_launched_without_waiting_for_the_device(checkpoint, graphs):
+    """The engine builds and launches step n+1 while step n still runs: ``launch`` must not
+    wait for the device (no copy from pageable memory, no host read of a device value),
+    and a decode row fed from the previous step's draws gets the token collected later."""
+    model = load_model(checkpoint("llama"), dtype=torch.float32, device="cuda")
+    runner = StepRunner(model, block_size=4, kv_cache_tokens=256, gpu_memory_fraction=0.5, use_cuda_graphs=graphs)
+    greedy = dict(expand=[0], temps=[0.0], top_k=[-1], top_p=[1.0], seeds=[1])
+    tokens = [5, 6, 7]
+    first = runner.collect(runner.launch(StepSpec(chunks=[(tokens, 0, [0, 1])], rows=[2], steps=[0], **greedy)))
+    tokens.append(first.draws[0][0])
+    for step in range(3):  # warm-up: Triton compiles, graphs are captured
+        out = runner.collect(runner.launch(StepSpec(chunks=[([-1], len(tokens) - 1, [0, 1])], rows=[0],
+                                                    steps=[step + 1], feed=[(0, 0)], **greedy)))
+        tokens.append(out.draws[0][0])
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of device time queued ahead of the step
+    start = time.perf_counter()
+    handle = runner.launch(StepSpec(chunks=[([-1], len(tokens) - 1, [0, 1])], rows=[0], steps=[4], feed=[(0, 0)],
+                                    **greedy))
+    launched = time.perf_counter() - start
+    busy = torch.cuda.current_stream().query()
+    out = runner.collect(handle)
+    waited = time.perf_counter() - start
+    assert not busy and launched < 0.25 * waited, f"launch took {launched:.3f} s of {waited:.3f} s: it waited"
+    with torch.no_grad():
+        ids = torch.tensor(tokens, device="cuda")
+        cu = torch.tensor([0, len(tokens)], dtype=torch.int32, device="cuda")
+        hidden = model(ids, torch.arange(len(tokens), device="cuda"), cu, len(tokens))
+    ref = model.compute_logits(hidden[-1:]).argmax(-1).item()
+    assert out.draws[0][0] == ref

@@ -32,6 +32,25 @@ def blocks_for_memory(free_bytes: int, block_size: int, num_layers: int, num_kv_
     return free_bytes // (block_size * bytes_per_token(num_layers, num_kv_heads, head_dim, dtype))
 
 
+def host_to_device(device, dtype: torch.dtype, *lists: list) -> list[torch.Tensor]:
+    """The host lists as 1-D ``dtype`` tensors on ``device``, from one transfer. On CUDA the
+    copy leaves pinned memory without waiting: a copy from pageable memory would wait for
+    the work already queued, and a step is built while the previous one still runs. Each
+    part starts on a 16-byte boundary (the kernels' pointer alignment stays the same)."""
+    device = torch.device(device)
+    align = 16 // dtype.itemsize
+    flat, sizes, spans = [], [], []
+    for values in lists:
+        span = -(-len(values) // align) * align
+        flat += values
+        flat += (0,) * (span - len(values))
+        sizes.append(len(values))
+        spans.append(span)
+    host = torch.tensor(flat, dtype=dtype, pin_memory=device.type == "cuda")
+    parts = host.to(device, non_blocking=True).split(spans)
+    return [part[:n] for part, n in zip(parts, sizes)]
+
+
 class BlockAllocator:
     """Free list of block ids with reference counts (host side only)."""
 
@@ -102,8 +121,7 @@ class KVCache(BlockSpace):
         """Copy whole blocks (every layer) src[i] -> dst[i] on the device."""
         if not src:
             return
-        s = torch.tensor(src, dtype=torch.long, device=self.k.device)
-        d = torch.tensor(dst, dtype=torch.long, device=self.k.device)
+        s, d = host_to_device(self.k.device, torch.int64, src, dst)
         self.k[:, d] = self.k[:, s]
         self.v[:, d] = self.v[:, s]
 

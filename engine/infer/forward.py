@@ -18,6 +18,7 @@ The gather indices are built once per step on the host, not per layer.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ import torch
 import kernels
 from engine.models.lora import project
 
-from .cache import KVCache
+from .cache import KVCache, host_to_device
 
 
 @dataclass
@@ -83,25 +84,16 @@ class StepBatch:
             end = start + len(tokens)
             kv_slots += [blocks[p // block_size] * block_size + p % block_size for p in range(end)]
         width = max((len(t) for t in tables), default=0) or 1
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-
-        def cu(lens):
-            out = torch.zeros(len(lens) + 1, dtype=torch.int32)
-            if lens:
-                out[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
-            return out.to(device)
-
-        def t64(x):
-            return torch.tensor(x, dtype=torch.int64).to(device)
-
+        table = [b for t in tables for b in (*t, *(0,) * (width - len(t)))]
+        cu_q = list(itertools.accumulate(q_lens[num_decode:], initial=0))
+        cu_k = list(itertools.accumulate(k_lens[num_decode:], initial=0))
+        i64 = host_to_device(device, torch.int64, ids, pos, slots, kv_slots)
+        i32 = host_to_device(device, torch.int32, cu_q, cu_k, table, k_lens, ads)
         return cls(
-            input_ids=t64(ids), position_ids=t64(pos), slot_mapping=t64(slots), cu_q=cu(q_lens[num_decode:]),
-            cu_k=cu(k_lens[num_decode:]), kv_slots=None if decode_only else t64(kv_slots), block_table=table.to(device),
-            seq_lens=torch.tensor(k_lens, dtype=torch.int32).to(device), max_q=max(q_lens[num_decode:], default=0),
-            max_k=max(k_lens[num_decode:], default=0), decode_only=decode_only, num_decode=num_decode,
-            adapter_ids=None if adapter_ids is None else torch.tensor(ads, dtype=torch.int32).to(device),
+            input_ids=i64[0], position_ids=i64[1], slot_mapping=i64[2], cu_q=i32[0], cu_k=i32[1],
+            kv_slots=None if decode_only else i64[3], block_table=i32[2].view(len(tables), width), seq_lens=i32[3],
+            max_q=max(q_lens[num_decode:], default=0), max_k=max(k_lens[num_decode:], default=0),
+            decode_only=decode_only, num_decode=num_decode, adapter_ids=None if adapter_ids is None else i32[4],
         )
 
 

@@ -2,9 +2,11 @@
 
 One background thread owns the model and the cache and runs the loop: take new requests
 and commands, schedule a step (continuous batching, chunked prefill, preemption: see
-scheduler.py), run it (forward.py), sample (sampling.py), hand finished requests their
-results. Callers on any thread or event loop get a :class:`Future` at once; a bad request
-fails its own future and the engine keeps serving the others.
+scheduler.py), launch it (forward.py, sampling.py), then finish the step before it: hand
+its tokens to their sequences and finished requests their results. At tp=1 one step is
+thus in flight on the device while the host plans the next (``_step``). Callers on any
+thread or event loop get a :class:`Future` at once; a bad request fails its own future and
+the engine keeps serving the others.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import random
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,6 +30,21 @@ from .runner import LocalExecutor, SPMDExecutor, StepRunner, StepSpec, TPExecuto
 from .sampling import derive_seed
 from .scheduler import Request, Scheduler, Seq
 from .types import Future, SampledSequence, SampleResponse, SamplingParams
+
+
+@dataclass
+class _Launched:
+    """A step whose device work is queued: the executor's handle, what to do with its
+    results (scored prompt chunks; per sampled sequence the position of its placeholder
+    token, or None: append; max_tokens=0 requests that end with it), the weight version it
+    ran with, and whether it may stay in flight while the next step is launched."""
+
+    handle: Any
+    scored: list
+    owners: list[tuple[Seq, int | None]]
+    zero: list[Seq]
+    version: int
+    deferred: bool
 
 
 def _as_ints(prompt: Any) -> list[int]:
@@ -141,12 +159,13 @@ class InferenceModel:
         self.version = 0
         self._adapters: list[str] = []  # slot -> resolved adapter path
         self._deferred: list[Request] = []  # requests waiting for an adapter slot
+        self._inflight: _Launched | None = None  # the step launched and not yet finished
         self._active: dict[int, Request] = {}
         self._ids = itertools.count()
         self._inbox: queue.Queue = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()  # orders close() against calls that queue work
-        self.stats = {"steps": 0, "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self.stats = {"steps": 0, "overlapped_steps": 0, "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="engine-infer", daemon=True)
         self._thread.start()
 
@@ -288,13 +307,15 @@ class InferenceModel:
 
     def _loop(self) -> None:
         while True:
-            busy = not self.scheduler.idle
+            busy = not self.scheduler.idle or self._inflight is not None
             try:
                 item = self._inbox.get(block=not busy and not self._deferred,
                                        timeout=None if busy or not self._deferred else 0.01)
             except queue.Empty:
                 item = None
             while item is not None:
+                if item[0] != "request":
+                    self._finish_inflight()  # commands run with no step in flight
                 if item[0] == "close":
                     self._fail_all(RuntimeError("InferenceModel was closed"))
                     self._executor.close()
@@ -378,23 +399,48 @@ class InferenceModel:
             slots[free[0]] = path
         else:
             slots.append(path)
+        self._finish_inflight()  # the step in flight may still read the old stacks
         self._executor.set_adapters(slots)
         self._adapters = slots
         return True
 
     def _fail_all(self, err: Exception) -> None:
+        self._inflight = None
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self.scheduler.drop(seq)
+            self._drop(seq)
         for req in list(self._active.values()) + self._deferred:
             req.future._set_exception(err)
         self._active.clear()
         self._deferred = []
 
     def _step(self) -> None:
+        """Schedule and launch one step, then finish the step launched before it.
+
+        At tp=1 a step is launched before the previous one is finished: its decode rows take
+        their input token from the previous step's draws on the device (a placeholder on
+        the host until then), so the host schedules and builds step n+1 while the device
+        still runs step n, and only then waits for step n's tokens. A sequence that step n
+        ends (a stop token) has computed one token too many in step n+1, which is dropped.
+        Steps that fork samples or score prompt tokens are finished at once."""
         plan = self.scheduler.schedule()
         self.stats["preemptions"] = self.scheduler.num_preemptions
         if not plan:
+            self._finish_inflight()
             return
+        launched = self._launch(plan)
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            self._finish(previous)
+        if not launched.deferred:
+            self._inflight = None
+            self._finish(launched)
+
+    def _finish_inflight(self) -> None:
+        if self._inflight is not None:
+            launched, self._inflight = self._inflight, None
+            self._finish(launched)
+
+    def _launch(self, plan: list[tuple[Seq, int]]) -> "_Launched":
         plan.sort(key=lambda sn: sn[1] != 1)  # one-token chunks first: they take the paged kernel
         spec = StepSpec(chunks=[(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
                                 for seq, n in plan], copies=self.scheduler.copies)
@@ -402,10 +448,13 @@ class InferenceModel:
         if self._adapters:
             spec.adapter_ids = [self._adapters.index(seq.req.adapter) if seq.req.adapter else -1 for seq, _ in plan]
         offsets = list(itertools.accumulate((n for _, n in plan), initial=0))
-        # Prompt logprobs (leaders that asked for them): rows of positions whose next token is
-        # in the prompt.
         scored = []
         for (seq, n), start in zip(plan, offsets):
+            # A token still on the device (sampled by the step in flight): fed from its draws.
+            if seq.pending is not None and seq.num_cached <= seq.pending[0] < seq.num_cached + n:
+                spec.feed.append((start + seq.pending[0] - seq.num_cached, seq.pending[1]))
+            # Prompt logprobs (leaders that asked for them): rows of positions whose next
+            # token is in the prompt.
             req, first = seq.req, seq.num_cached
             end = min(first + n, len(req.prompt) - 1)
             if seq.index == 0 and end > first and (req.prompt_logprobs is not None or req.topk):
@@ -427,54 +476,83 @@ class InferenceModel:
                 spec.steps.append(seq.num_generated)
             owners.append(seq)
         spec.truncate = any(0 < k < self.config.vocab_size for k in spec.top_k) or any(p < 1.0 for p in spec.top_p)
-        result = self._executor.step(spec)
+        handle = self._executor.launch(spec)
         self.stats["steps"] += 1
-        for (req, first), (lps, top) in zip(scored, result.prompt):
-            if req.prompt_logprobs is not None:
-                req.prompt_logprobs[first + 1:first + 1 + len(lps)] = lps
-            if top is not None:
-                req.topk[first + 1:first + 1 + len(top)] = top
         for seq, n in plan:
             kind = "decode_tokens" if n == 1 and seq.num_cached == len(seq.tokens) - 1 and seq.num_generated else "prefill_tokens"
             self.stats[kind] += n
             seq.num_cached += n
-            if seq.num_cached == len(seq.tokens) and seq.req.params.max_tokens == 0:
+        zero = [seq for seq, _ in plan if seq.num_cached == len(seq.tokens) and seq.req.params.max_tokens == 0]
+        deferred = self._executor.overlaps and not scored and all(seq.fork == 1 for seq in owners)
+        self.stats["overlapped_steps"] += deferred
+        # A placeholder for each token this step samples, so the next step can be planned
+        # now; not for the last token of a sequence (nothing follows it).
+        slots = []
+        for k, seq in enumerate(owners):
+            pos = None
+            if deferred and seq.num_generated + 1 < seq.req.params.max_tokens:
+                seq.tokens.append(-1)
+                pos = len(seq.tokens) - 1
+                seq.pending = (pos, k)
+            slots.append((seq, pos))
+        return _Launched(handle, scored, slots, zero, self.version, deferred)
+
+    def _finish(self, launched: "_Launched") -> None:
+        """Wait for a launched step's results and hand them to their sequences."""
+        result = self._executor.collect(launched.handle)
+        for (req, first), (lps, top) in zip(launched.scored, result.prompt):
+            if req.prompt_logprobs is not None:
+                req.prompt_logprobs[first + 1:first + 1 + len(lps)] = lps
+            if top is not None:
+                req.topk[first + 1:first + 1 + len(top)] = top
+        for seq in launched.zero:
+            if not seq.finished:
                 self._finish_request_zero(seq)
         now = time.perf_counter()
         k = 0
-        for seq in owners:
-            if seq.req.first_token is None:
-                seq.req.first_token = now
+        for seq, pos in launched.owners:
             draws = result.draws[k:k + seq.fork]
             k += seq.fork
+            if seq.finished:  # ended by the step before (its row here was one token too many)
+                continue
+            if seq.req.first_token is None:
+                seq.req.first_token = now
             if seq.fork > 1:
-                samples = self.scheduler.fork(seq, draws, self.version)
-            else:
-                t, a, b = draws[0]
+                for s in self.scheduler.fork(seq, draws, launched.version):
+                    self._check_done(s, len(s.tokens) - 1)
+                continue
+            t, a, b = draws[0]
+            if pos is None:
                 seq.tokens.append(t)
-                seq.logprobs.append(a)
-                seq.raw_logprobs.append(b)
-                if seq.version is None:
-                    seq.version = self.version
-                samples = [seq]
-            for s in samples:
-                self._check_done(s)
+                pos = len(seq.tokens) - 1
+            else:
+                seq.tokens[pos] = t
+                if seq.pending is not None and seq.pending[0] == pos:
+                    seq.pending = None
+            seq.logprobs.append(a)
+            seq.raw_logprobs.append(b)
+            if seq.version is None:
+                seq.version = launched.version
+            self._check_done(seq, pos)
 
-    def _check_done(self, seq: Seq) -> None:
+    def _check_done(self, seq: Seq, pos: int) -> None:
+        """After the token at ``pos`` was sampled: end the sequence there when it is done
+        (placeholders after it, for a step already launched, are dropped)."""
         req = seq.req
         reason = None
-        last = seq.tokens[-1]
-        if last in req.stop_ids:
+        if seq.tokens[pos] in req.stop_ids:
             reason = "stop"
         elif req.stop_strings:
-            text = self.tokenizer.decode(seq.tokens[len(req.prompt):])
+            text = self.tokenizer.decode(seq.tokens[len(req.prompt):pos + 1])
             if any(s in text for s in req.stop_strings):
                 reason = "stop"
-        if reason is None and seq.num_generated >= req.params.max_tokens:
+        if reason is None and pos + 1 - len(req.prompt) >= req.params.max_tokens:
             reason = "length"
         if reason is None:
             return
-        self.scheduler.drop(seq)
+        del seq.tokens[pos + 1:]
+        seq.pending = None
+        self._drop(seq)
         req.results[seq.index] = seq.result(reason)
         req.pending -= 1
         if req.pending == 0:
@@ -484,10 +562,14 @@ class InferenceModel:
             req.future._set_result(SampleResponse(sequences=req.results, prompt_logprobs=req.prompt_logprobs,
                                                   topk_prompt_logprobs=req.topk, metrics=metrics))
 
+    def _drop(self, seq: Seq) -> None:
+        self.scheduler.drop(seq)
+        seq.finished = True
+
     def _finish_request_zero(self, seq: Seq) -> None:
         """max_tokens == 0 (compute_logprobs): nothing to sample."""
         req = seq.req
-        self.scheduler.drop(seq)
+        self._drop(seq)
         self._active.pop(req.id, None)
         if req.logprobs_only:
             req.future._set_result(req.prompt_logprobs)

@@ -28,7 +28,7 @@ import torch
 from engine.models import set_adapter_stack
 from engine.parallel import WorkerPool, gather_vocab, load_tp_model, shard_tensor
 
-from .cache import BlockSpace, KVCache
+from .cache import BlockSpace, KVCache, host_to_device
 from .cuda_graphs import DecodeGraphs
 from .forward import StepBatch, forward_with_cache
 from .sampling_op import sample_tokens
@@ -43,7 +43,9 @@ class StepSpec:
     copies: (src, dst) KV blocks to copy before the forward;
     prompt: per scored prompt chunk (first row in the step, next-token targets, top-k);
     rows: step rows whose logits are sampled, ``expand`` mapping each sample to its row,
-    and per sample: temperature, top_k, top_p, seed, step (tokens generated so far).
+    and per sample: temperature, top_k, top_p, seed, step (tokens generated so far);
+    feed: (row, sample) pairs: the token of that row is the previous step's draw for that
+    sample, still on the device (overlapped steps, tp=1; the host list holds a placeholder).
     """
 
     chunks: list[tuple[list[int], int, list[int]]]
@@ -58,6 +60,7 @@ class StepSpec:
     seeds: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     truncate: bool = False
+    feed: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -82,25 +85,40 @@ class StepRunner:
         self.cache = KVCache.for_model(model, block_size=block_size, num_tokens=kv_cache_tokens,
                                        gpu_fraction=gpu_memory_fraction)
         self.graphs = None
+        self._last_draws: torch.Tensor | None = None  # tokens sampled by the last launched step
         # Capturing collectives in a graph is left to a later change: graphs at tp=1 only.
         if use_cuda_graphs and self.device.type == "cuda" and group is None:
             max_blocks = min(self.cache.num_blocks, self.cache.blocks_needed(model.config.max_position_embeddings))
             self.graphs = DecodeGraphs(model, self.cache, max_blocks)
 
-    @torch.no_grad()
     def step(self, spec: StepSpec) -> StepResult | None:
+        return self.collect(self.launch(spec))
+
+    @torch.no_grad()
+    def launch(self, spec: StepSpec):
+        """Queue the step's device work; ``collect`` of the returned handle waits for its
+        results. The next step may be launched before this one is collected: its ``feed``
+        rows then read this step's draws on the device."""
         if spec.copies:
             self.cache.copy_blocks([s for s, _ in spec.copies], [d for _, d in spec.copies])
         batch = StepBatch.build(spec.chunks, self.cache.block_size, self.device, spec.adapter_ids)
+        # Every row that is scored or sampled: their logits are computed (and gathered) once.
+        scored = [r for start, targets, _ in spec.prompt for r in range(start, start + len(targets))]
+        rows, expand, top_k, seeds, steps, feed_rows, feed_from = host_to_device(
+            self.device, torch.int64, scored + spec.rows, spec.expand, spec.top_k, spec.seeds, spec.steps,
+            [r for r, _ in spec.feed], [k for _, k in spec.feed])
+        temps, top_p = host_to_device(self.device, torch.float32, spec.temps, spec.top_p)
+        if spec.feed:
+            if self._last_draws is None:
+                raise RuntimeError("StepSpec.feed names draws of a previous step that sampled nothing")
+            batch.input_ids[feed_rows] = self._last_draws[feed_from]
+        self._last_draws = None
         hidden = None if self.graphs is None else self.graphs.run(batch)
         if hidden is None:
             hidden = forward_with_cache(self.model, self.cache, batch)
-        # One gather of the logits of every row that is scored or sampled.
-        scored = [r for start, targets, _ in spec.prompt for r in range(start, start + len(targets))]
-        rows = scored + spec.rows
-        if not rows:
+        if not rows.numel():
             return StepResult([], []) if self.lead else None
-        logits = gather_vocab(self.model, self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]))
+        logits = gather_vocab(self.model, self.model.compute_logits(hidden[rows]))
         if not self.lead:
             return None
         logits = logits.float()
@@ -116,14 +134,26 @@ class StepRunner:
             prompt.append((lps, top))
         if not spec.rows:
             return StepResult(prompt, [])
-        dev = logits.device
-        sampled = logits[at:][torch.tensor(spec.expand, device=dev)]
-        tok, lp, raw = sample_tokens(
-            sampled, torch.tensor(spec.temps, device=dev), torch.tensor(spec.top_k, dtype=torch.int64, device=dev),
-            torch.tensor(spec.top_p, device=dev), torch.tensor(spec.seeds, dtype=torch.int64, device=dev),
-            torch.tensor(spec.steps, dtype=torch.int64, device=dev), truncate=spec.truncate)
-        out = torch.stack([tok.double(), lp.double(), raw.double()], 1).tolist()  # the step's one host sync
-        return StepResult(prompt, [(int(t), a, b) for t, a, b in out])
+        tok, lp, raw = sample_tokens(logits[at:][expand], temps, top_k, top_p, seeds, steps, truncate=spec.truncate)
+        self._last_draws = tok
+        draws = torch.stack([tok.double(), lp.double(), raw.double()], 1)
+        if draws.is_cuda:  # copy out without waiting; collect waits for this step only
+            host = torch.empty(draws.shape, dtype=draws.dtype, pin_memory=True)
+            host.copy_(draws, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return prompt, host, done
+        return prompt, draws, None
+
+    @staticmethod
+    def collect(handle) -> StepResult | None:
+        """The host results of a launched step (waits for that step's device work)."""
+        if handle is None or isinstance(handle, StepResult):
+            return handle
+        prompt, draws, done = handle
+        if done is not None:
+            done.synchronize()
+        return StepResult(prompt, [(int(t), a, b) for t, a, b in draws.tolist()])
 
     def set_adapters(self, slots: list[str]) -> None:
         set_adapter_stack(self.model, slots)
@@ -147,8 +177,24 @@ class StepRunner:
             own[name].copy_(value)
 
 
+class _Synchronous:
+    """Executors whose step returns its results (no step stays in flight)."""
+
+    overlaps = False
+
+    def launch(self, spec: StepSpec) -> StepResult:
+        return self.step(spec)
+
+    @staticmethod
+    def collect(result: StepResult) -> StepResult:
+        return result
+
+
 class LocalExecutor:
-    """tp=1: the runner in this process."""
+    """tp=1: the runner in this process; a step may stay in flight while the next one is
+    launched (``overlaps``)."""
+
+    overlaps = True
 
     def __init__(self, runner: StepRunner):
         self.runner = runner
@@ -157,6 +203,12 @@ class LocalExecutor:
 
     def step(self, spec: StepSpec) -> StepResult:
         return self.runner.step(spec)
+
+    def launch(self, spec: StepSpec):
+        return self.runner.launch(spec)
+
+    def collect(self, handle) -> StepResult:
+        return self.runner.collect(handle)
 
     def set_adapters(self, slots: list[str]) -> None:
         self.runner.set_adapters(slots)
@@ -196,7 +248,7 @@ def _describe_rank(state):
     return runner.cache.num_blocks, runner.model.config
 
 
-class SPMDExecutor:
+class SPMDExecutor(_Synchronous):
     """tp > 1 under torchrun (every rank launched by it, each holding its shard): rank 0
     drives, broadcasting each call to the other ranks, which run ``follow``."""
 
@@ -236,7 +288,7 @@ def follow(runner: StepRunner, group) -> None:
         getattr(runner, method)(*args)
 
 
-class TPExecutor:
+class TPExecutor(_Synchronous):
     """tp > 1: one StepRunner per rank of ``pool``; every call runs on every rank."""
 
     def __init__(self, pool: WorkerPool, *, block_size: int, owns_pool: bool):

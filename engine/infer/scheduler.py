@@ -73,6 +73,8 @@ class Seq:
     logprobs: list[float] = field(default_factory=list)
     raw_logprobs: list[float] = field(default_factory=list)
     version: int | None = None
+    pending: tuple[int, int] | None = None  # (position, sample index) of a token the step in flight samples
+    finished: bool = False
 
     @property
     def arrival(self) -> tuple[int, int]:
@@ -144,6 +146,8 @@ class Scheduler:
             if seq not in self.running:
                 continue  # preempted by an older sequence in this loop
             n = min(len(seq.tokens) - seq.num_cached, budget)
+            if n == 0:
+                continue  # its last token is being sampled by the step in flight
             while not self._grow(seq, seq.num_cached + n):
                 victim = next(s for s in reversed(self.running) if id(s) not in planned)
                 self.preempt(victim)
