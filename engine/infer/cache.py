@@ -19,6 +19,8 @@ of max_batch_size).
 """
 from __future__ import annotations
 
+import array
+
 import torch
 import torch.distributed as dist
 
@@ -32,6 +34,9 @@ def blocks_for_memory(free_bytes: int, block_size: int, num_layers: int, num_kv_
     return free_bytes // (block_size * bytes_per_token(num_layers, num_kv_heads, head_dim, dtype))
 
 
+_TYPECODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}
+
+
 def host_to_device(device, dtype: torch.dtype, *lists: list) -> list[torch.Tensor]:
     """The host lists as 1-D ``dtype`` tensors on ``device``, from one transfer. On CUDA the
     copy leaves pinned memory without waiting: a copy from pageable memory would wait for
@@ -39,16 +44,20 @@ def host_to_device(device, dtype: torch.dtype, *lists: list) -> list[torch.Tenso
     part starts on a 16-byte boundary (the kernels' pointer alignment stays the same)."""
     device = torch.device(device)
     align = 16 // dtype.itemsize
-    flat, sizes, spans = [], [], []
+    flat = array.array(_TYPECODES[dtype])  # filled in C: ~3x faster than torch.tensor(list)
+    offsets = []
     for values in lists:
-        span = -(-len(values) // align) * align
-        flat += values
-        flat += (0,) * (span - len(values))
-        sizes.append(len(values))
-        spans.append(span)
-    host = torch.tensor(flat, dtype=dtype, pin_memory=device.type == "cuda")
-    parts = host.to(device, non_blocking=True).split(spans)
-    return [part[:n] for part, n in zip(parts, sizes)]
+        flat.extend(_ZEROS[:-len(flat) % align])
+        offsets.append(len(flat))
+        flat.extend(values)
+    host = torch.frombuffer(flat, dtype=dtype) if flat else torch.empty(0, dtype=dtype)
+    if device.type == "cuda":
+        host = torch.empty(host.shape, dtype=dtype, pin_memory=True).copy_(host)
+    out = host.to(device, non_blocking=True)
+    return [out[o:o + len(values)] for o, values in zip(offsets, lists)]
+
+
+_ZEROS = (0,) * 16
 
 
 class BlockAllocator:

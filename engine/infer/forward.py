@@ -71,8 +71,12 @@ class StepBatch:
             end = start + len(tokens)
             assert len(blocks) * block_size >= end, "blocks do not cover the sequence"
             ids += tokens
-            pos += range(start, end)
-            slots += [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            if end == start + 1:  # decoding: the common case, kept cheap
+                pos.append(start)
+                slots.append(blocks[start // block_size] * block_size + start % block_size)
+            else:
+                pos += range(start, end)
+                slots += [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
             q_lens.append(len(tokens))
             k_lens.append(end)
             tables.append(blocks)

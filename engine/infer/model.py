@@ -442,49 +442,54 @@ class InferenceModel:
 
     def _launch(self, plan: list[tuple[Seq, int]]) -> "_Launched":
         plan.sort(key=lambda sn: sn[1] != 1)  # one-token chunks first: they take the paged kernel
-        spec = StepSpec(chunks=[(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
-                                for seq, n in plan], copies=self.scheduler.copies)
+        spec = StepSpec(chunks=[], copies=self.scheduler.copies)
         self.scheduler.copies = []
-        if self._adapters:
-            spec.adapter_ids = [self._adapters.index(seq.req.adapter) if seq.req.adapter else -1 for seq, _ in plan]
-        offsets = list(itertools.accumulate((n for _, n in plan), initial=0))
-        scored = []
-        for (seq, n), start in zip(plan, offsets):
+        adapters = self._adapters
+        if adapters:
+            spec.adapter_ids = []
+        scored, owners, zero = [], [], []
+        stats = self.stats
+        start = 0  # the chunk's first row in the step
+        for seq, n in plan:  # one pass: this runs for every sequence at every step
+            req, tokens, first = seq.req, seq.tokens, seq.num_cached
+            spec.chunks.append((tokens[first:first + n], first, seq.blocks))
+            if adapters:
+                spec.adapter_ids.append(adapters.index(req.adapter) if req.adapter else -1)
             # A token still on the device (sampled by the step in flight): fed from its draws.
-            if seq.pending is not None and seq.num_cached <= seq.pending[0] < seq.num_cached + n:
-                spec.feed.append((start + seq.pending[0] - seq.num_cached, seq.pending[1]))
+            if seq.pending is not None and first <= seq.pending[0] < first + n:
+                spec.feed.append((start + seq.pending[0] - first, seq.pending[1]))
             # Prompt logprobs (leaders that asked for them): rows of positions whose next
             # token is in the prompt.
-            req, first = seq.req, seq.num_cached
-            end = min(first + n, len(req.prompt) - 1)
+            n_prompt = len(req.prompt)
+            end = min(first + n, n_prompt - 1)
             if seq.index == 0 and end > first and (req.prompt_logprobs is not None or req.topk):
                 spec.prompt.append((start, req.prompt[first + 1:end + 1], req.topk_prompt_logprobs))
                 scored.append((req, first))
-        # Sampling rows: sequences whose last new token is their last token.
-        owners = []
-        for (seq, n), start in zip(plan, offsets):
-            if seq.num_cached + n < len(seq.tokens) or seq.req.params.max_tokens == 0:
-                continue
-            p = seq.req.params
-            spec.rows.append(start + n - 1)
-            for i in range(seq.index, seq.index + seq.fork):
-                spec.expand.append(len(owners))
-                spec.temps.append(float(p.temperature))
-                spec.top_k.append(int(p.top_k))
-                spec.top_p.append(float(p.top_p))
-                spec.seeds.append(seq.req.seeds[i])
-                spec.steps.append(seq.num_generated)
-            owners.append(seq)
+            generated = len(tokens) - n_prompt
+            decoding = n == 1 and first == len(tokens) - 1 and generated
+            stats["decode_tokens" if decoding else "prefill_tokens"] += n
+            seq.num_cached = first + n
+            # A sequence whose last token is in the step samples its next one.
+            if first + n == len(tokens):
+                p = req.params
+                if p.max_tokens == 0:
+                    zero.append(seq)
+                else:
+                    spec.rows.append(start + n - 1)
+                    for i in range(seq.index, seq.index + seq.fork):
+                        spec.expand.append(len(owners))
+                        spec.temps.append(float(p.temperature))
+                        spec.top_k.append(int(p.top_k))
+                        spec.top_p.append(float(p.top_p))
+                        spec.seeds.append(req.seeds[i])
+                        spec.steps.append(generated)
+                    owners.append(seq)
+            start += n
         spec.truncate = any(0 < k < self.config.vocab_size for k in spec.top_k) or any(p < 1.0 for p in spec.top_p)
         handle = self._executor.launch(spec)
-        self.stats["steps"] += 1
-        for seq, n in plan:
-            kind = "decode_tokens" if n == 1 and seq.num_cached == len(seq.tokens) - 1 and seq.num_generated else "prefill_tokens"
-            self.stats[kind] += n
-            seq.num_cached += n
-        zero = [seq for seq, _ in plan if seq.num_cached == len(seq.tokens) and seq.req.params.max_tokens == 0]
+        stats["steps"] += 1
         deferred = self._executor.overlaps and not scored and all(seq.fork == 1 for seq in owners)
-        self.stats["overlapped_steps"] += deferred
+        stats["overlapped_steps"] += deferred
         # A placeholder for each token this step samples, so the next step can be planned
         # now; not for the last token of a sequence (nothing follows it).
         slots = []

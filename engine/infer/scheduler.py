@@ -28,7 +28,7 @@ from .cache import BlockSpace
 from .types import Future, SampledSequence, SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests and sequences are looked up in lists
 class Request:
     """One ``sample`` call."""
 
@@ -60,7 +60,7 @@ class Request:
             self.topk = [None] * len(self.prompt)
 
 
-@dataclass
+@dataclass(eq=False)
 class Seq:
     """One sample of a request (or the leader that prefills the prompt for ``fork`` samples)."""
 
