@@ -39,23 +39,27 @@ def test_cuda_sampling_extension_matches_twin():
     assert all(t.shape == (0,) for t in empty)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_cuda_graph_decode_equals_eager(checkpoint, family):
+@pytest.mark.parametrize("family,adapters", [("llama", False), ("mistral", False), ("qwen2", True)])
+def test_cuda_graph_decode_equals_eager(checkpoint, peft_adapters, family, adapters):
+    """Greedy tokens from graph replays equal eager decoding; with adapters, requests on two
+    PEFT adapters and the base model share the steps (the adapter set of graphs)."""
     folder = checkpoint(family)
+    paths = peft_adapters(folder) if adapters else []
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 1031, (n,), generator=g).tolist() for n in (5, 17, 1, 30, 9)]
+    which = [paths[i % 3] if i % 3 < len(paths) else None for i in range(len(prompts))]
     params = SamplingParams(max_tokens=24, temperature=0.0)
     outs = []
     for graphs in (False, True):
         model = load_model(folder, dtype=torch.float32, device="cuda")
         with InferenceModel(model, max_batch_size=64, block_size=4, kv_cache_tokens=1024,
                             use_cuda_graphs=graphs) as engine:
-            futs = [engine.sample(p, 2, params) for p in prompts]
+            futs = [engine.sample(p, 2, params, adapter=a) for p, a in zip(prompts, which)]
             outs.append([[s.tokens for s in f.result(timeout=300).sequences] for f in futs])
             graphed = engine._executor.runner.graphs
             assert (graphed is not None) == graphs
             if graphs:
-                assert graphed._graphs, "no decode step was replayed from a graph"
+                assert graphed._graphs.get(adapters), "no decode step was replayed from a graph"
     assert outs[0] == outs[1]
 
 

@@ -5,14 +5,22 @@ GPU; replaying a captured graph removes the launch cost. Graphs need fixed shape
 addresses, so every step copies its inputs into static buffers of the next captured size
 (1, 2, 4, ..., 128 sequences) with a block table padded to the longest possible sequence.
 Padding rows are harmless: token 0 at position 0, ``slot_mapping`` -1 (``append_kv``
-skips it), ``seq_len`` 0 (``paged_attention`` gives zeros), so the first ``n`` rows of the
-output equal the unpadded step's. ``pad_decode_inputs`` does that copy on any device; the
-CPU tests run the padded batch eagerly against the unpadded one.
+skips it), ``seq_len`` 0 (``paged_attention`` gives zeros), adapter -1 (the base model),
+so the first ``n`` rows of the output equal the unpadded step's. ``pad_decode_inputs``
+does that copy on any device; the CPU tests run the padded batch eagerly against the
+unpadded one.
 
-Not captured (eager path): steps with prefill chunks, adapters (per-token adapter ids),
-more sequences than the largest graph, or a block table wider than the static one.
+Steps with per-token adapters (``lora_linear_multi``, which reads the ids on the device)
+replay a second set of graphs, captured on the first such step with the adapter stacks
+then loaded; loading other adapters drops both sets (``reset``).
+
+Not captured (eager path): steps with prefill chunks, more sequences than the largest
+graph, or a block table wider than the static one; and a set whose capture failed (a
+warning says why; its steps run eagerly from then on).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -31,30 +39,35 @@ def static_decode_inputs(max_batch: int, max_blocks: int, device) -> StepBatch:
         cu_q=torch.zeros(1, dtype=torch.int32, device=device), cu_k=torch.zeros(1, dtype=torch.int32, device=device),
         kv_slots=None, block_table=torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device),
         seq_lens=torch.zeros(max_batch, dtype=torch.int32, device=device), max_q=0, max_k=0, decode_only=True,
-        num_decode=max_batch)
+        num_decode=max_batch, adapter_ids=torch.full((max_batch,), -1, dtype=torch.int32, device=device))
 
 
-def view_decode_inputs(static: StepBatch, size: int) -> StepBatch:
-    """The first ``size`` rows of the static buffers as a decode-only StepBatch (views)."""
+def view_decode_inputs(static: StepBatch, size: int, adapters: bool = False) -> StepBatch:
+    """The first ``size`` rows of the static buffers as a decode-only StepBatch (views),
+    with per-token adapter ids when ``adapters``."""
     return StepBatch(
         input_ids=static.input_ids[:size], position_ids=static.position_ids[:size],
         slot_mapping=static.slot_mapping[:size], cu_q=static.cu_q, cu_k=static.cu_k, kv_slots=None,
         block_table=static.block_table[:size], seq_lens=static.seq_lens[:size], max_q=0, max_k=0, decode_only=True,
-        num_decode=size)
+        num_decode=size, adapter_ids=static.adapter_ids[:size] if adapters else None)
 
 
 def pad_decode_inputs(static: StepBatch, batch: StepBatch, size: int) -> StepBatch:
     """Copy a decode-only ``batch`` of n <= size sequences into the static buffers, pad rows
     n..size-1, and return the padded [size] view. Device copies only (no host sync)."""
     n, width = batch.num_decode, batch.block_table.shape[1]
-    if not batch.decode_only or batch.adapter_ids is not None:
-        raise ValueError("pad_decode_inputs: needs a decode-only batch without adapters")
+    if not batch.decode_only:
+        raise ValueError("pad_decode_inputs: needs a decode-only batch")
     if not n <= size <= static.input_ids.shape[0] or width > static.block_table.shape[1]:
         raise ValueError(f"pad_decode_inputs: a batch of {n} sequences x {width} blocks does not fit size {size} of "
                          f"the static buffers [{static.input_ids.shape[0]}, {static.block_table.shape[1]}]")
-    out = view_decode_inputs(static, size)
-    for dst, src, pad in ((out.input_ids, batch.input_ids, 0), (out.position_ids, batch.position_ids, 0),
-                          (out.slot_mapping, batch.slot_mapping, -1), (out.seq_lens, batch.seq_lens, 0)):
+    adapters = batch.adapter_ids is not None
+    out = view_decode_inputs(static, size, adapters)
+    pairs = [(out.input_ids, batch.input_ids, 0), (out.position_ids, batch.position_ids, 0),
+             (out.slot_mapping, batch.slot_mapping, -1), (out.seq_lens, batch.seq_lens, 0)]
+    if adapters:
+        pairs.append((out.adapter_ids, batch.adapter_ids, -1))
+    for dst, src, pad in pairs:
         dst[:n].copy_(src)
         dst[n:].fill_(pad)
     out.block_table[:n, :width].copy_(batch.block_table)
@@ -64,12 +77,13 @@ def pad_decode_inputs(static: StepBatch, batch: StepBatch, size: int) -> StepBat
 
 
 class DecodeGraphs:
-    """Captured decode forwards of ``model`` over ``cache`` for the sizes in ``sizes``.
+    """Captured decode forwards of ``model`` over ``cache`` for the sizes in ``sizes``: one
+    set for steps without adapters, one for steps with per-token adapter ids.
 
     ``run(batch)`` returns the hidden states [n, hidden] of a decode-only step from a graph
     replay (a view into the graph's output buffer, valid until the next replay), or None
-    when the step does not fit a graph (the caller runs ``forward_with_cache``). Graphs
-    are captured on first use; ``reset()`` drops them (when the model's modules change, e.g.
+    when the step does not fit a graph (the caller runs ``forward_with_cache``). A set is
+    captured on its first use; ``reset()`` drops both (when the model's modules change, e.g.
     a new adapter stack; in-place weight updates need no reset).
     """
 
@@ -77,44 +91,62 @@ class DecodeGraphs:
         self.model, self.cache, self.max_blocks = model, cache, max_blocks
         self.sizes = tuple(sorted(sizes))
         self._static: StepBatch | None = None
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        # (with adapters?, size) -> (graph, output); a set that failed to capture -> None
+        self._graphs: dict[bool, dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None] = {}
 
     def reset(self) -> None:
         self._graphs.clear()
         self._static = None
+        self._pool = None
 
     def fits(self, batch: StepBatch) -> bool:
-        return (batch.decode_only and batch.adapter_ids is None and 0 < batch.num_decode <= self.sizes[-1]
+        return (batch.decode_only and 0 < batch.num_decode <= self.sizes[-1]
                 and batch.block_table.shape[1] <= self.max_blocks)
 
     def run(self, batch: StepBatch) -> torch.Tensor | None:
         if not self.fits(batch):
             return None
-        if not self._graphs:
-            self._capture()
+        adapters = batch.adapter_ids is not None
+        if adapters not in self._graphs:
+            self._graphs[adapters] = self._capture(adapters)
+        graphs = self._graphs[adapters]
+        if graphs is None:
+            return None
         size = next(s for s in self.sizes if s >= batch.num_decode)
         pad_decode_inputs(self._static, batch, size)
-        graph, out = self._graphs[size]
+        graph, out = graphs[size]
         graph.replay()
         return out[:batch.num_decode]
 
     @torch.no_grad()
-    def _capture(self) -> None:
+    def _capture(self, adapters: bool) -> dict | None:
         device = self.cache.k[0].device
-        self._static = static_decode_inputs(self.sizes[-1], self.max_blocks, device)
-        pool = None
-        # Largest first: the smaller graphs reuse its memory pool.
-        for size in reversed(self.sizes):
-            inputs = view_decode_inputs(self._static, size)
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks its kernels
-                for _ in range(2):
-                    forward_with_cache(self.model, self.cache, inputs)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = forward_with_cache(self.model, self.cache, inputs)
-            pool = graph.pool()
-            self._graphs[size] = (graph, out)
+        if self._static is None:
+            self._static = static_decode_inputs(self.sizes[-1], self.max_blocks, device)
+        # The warm-up runs write the cache: every row padding (no slot) while capturing.
+        self._static.slot_mapping.fill_(-1)
+        self._static.seq_lens.zero_()
+        graphs = {}
+        try:
+            # Largest first: the smaller graphs reuse its memory pool (one pool for both sets:
+            # a replay's output is consumed before the next replay, on the same stream).
+            for size in reversed(self.sizes):
+                inputs = view_decode_inputs(self._static, size, adapters)
+                stream = torch.cuda.Stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks its kernels
+                    for _ in range(2):
+                        forward_with_cache(self.model, self.cache, inputs)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    out = forward_with_cache(self.model, self.cache, inputs)
+                self._pool = graph.pool()
+                graphs[size] = (graph, out)
+        except Exception as e:  # noqa: BLE001 - the eager path serves these steps instead
+            warnings.warn(f"CUDA graphs: capturing decode steps {'with' if adapters else 'without'} adapters failed "
+                          f"({e!r}); such steps run eagerly", RuntimeWarning, stacklevel=2)
+            return None
         torch.cuda.synchronize(device)
+        return graphs
