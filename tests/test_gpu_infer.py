@@ -59,7 +59,7 @@ def test_cuda_graph_decode_equals_eager(checkpoint, peft_adapters, family, adapt
             graphed = engine._executor.runner.graphs
             assert (graphed is not None) == graphs
             if graphs:
-                assert graphed._graphs.get(adapters), "no decode step was replayed from a graph"
+                assert any(kind == adapters for kind, _ in graphed._graphs), "no decode step was replayed"
     assert outs[0] == outs[1]
 
 

@@ -11,12 +11,12 @@ does that copy on any device; the CPU tests run the padded batch eagerly against
 unpadded one.
 
 Steps with per-token adapters (``lora_linear_multi``, which reads the ids on the device)
-replay a second set of graphs, captured on the first such step with the adapter stacks
-then loaded; loading other adapters drops both sets (``reset``).
+replay graphs of their own, with the adapter ids as one more static input; loading an
+adapter drops every graph (``reset``), and each is captured again when next needed.
 
 Not captured (eager path): steps with prefill chunks, more sequences than the largest
-graph, or a block table wider than the static one; and a set whose capture failed (a
-warning says why; its steps run eagerly from then on).
+graph, or a block table wider than the static one; and steps of a kind (with or without
+adapters) whose capture failed (a warning says why).
 """
 from __future__ import annotations
 
@@ -77,26 +77,29 @@ def pad_decode_inputs(static: StepBatch, batch: StepBatch, size: int) -> StepBat
 
 
 class DecodeGraphs:
-    """Captured decode forwards of ``model`` over ``cache`` for the sizes in ``sizes``: one
-    set for steps without adapters, one for steps with per-token adapter ids.
+    """Captured decode forwards of ``model`` over ``cache`` for the sizes in ``sizes``, for
+    steps without adapters and for steps with per-token adapter ids.
 
     ``run(batch)`` returns the hidden states [n, hidden] of a decode-only step from a graph
     replay (a view into the graph's output buffer, valid until the next replay), or None
-    when the step does not fit a graph (the caller runs ``forward_with_cache``). A set is
-    captured on its first use; ``reset()`` drops both (when the model's modules change, e.g.
-    a new adapter stack; in-place weight updates need no reset).
+    when the step does not fit a graph (the caller runs ``forward_with_cache``). Each graph
+    is captured on the first step of its size and kind (two warm-up forwards and one
+    captured), so loading an adapter, which drops every graph (``reset()``, the model's
+    modules changed), costs one capture per size then in use, not all of them. In-place
+    weight updates need no reset.
     """
 
     def __init__(self, model, cache: KVCache, max_blocks: int, sizes: tuple[int, ...] = GRAPH_BATCH_SIZES):
         self.model, self.cache, self.max_blocks = model, cache, max_blocks
         self.sizes = tuple(sorted(sizes))
         self._static: StepBatch | None = None
-        self._pool = None
-        # (with adapters?, size) -> (graph, output); a set that failed to capture -> None
-        self._graphs: dict[bool, dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None] = {}
+        self._pool = None  # one memory pool: a replay's output is consumed before the next replay
+        self._graphs: dict[tuple[bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (adapters, size)
+        self._failed: set[bool] = set()  # kinds whose capture failed: eager from then on
 
     def reset(self) -> None:
         self._graphs.clear()
+        self._failed.clear()
         self._static = None
         self._pool = None
 
@@ -105,48 +108,40 @@ class DecodeGraphs:
                 and batch.block_table.shape[1] <= self.max_blocks)
 
     def run(self, batch: StepBatch) -> torch.Tensor | None:
-        if not self.fits(batch):
-            return None
         adapters = batch.adapter_ids is not None
-        if adapters not in self._graphs:
-            self._graphs[adapters] = self._capture(adapters)
-        graphs = self._graphs[adapters]
-        if graphs is None:
+        if not self.fits(batch) or adapters in self._failed:
             return None
         size = next(s for s in self.sizes if s >= batch.num_decode)
+        if (adapters, size) not in self._graphs:
+            try:
+                self._graphs[adapters, size] = self._capture(adapters, size)
+            except Exception as e:  # noqa: BLE001 - the eager path serves these steps instead
+                warnings.warn(f"CUDA graphs: capturing a decode step {'with' if adapters else 'without'} adapters "
+                              f"failed ({e!r}); such steps run eagerly", RuntimeWarning, stacklevel=2)
+                self._failed.add(adapters)
+                return None
         pad_decode_inputs(self._static, batch, size)
-        graph, out = graphs[size]
+        graph, out = self._graphs[adapters, size]
         graph.replay()
         return out[:batch.num_decode]
 
     @torch.no_grad()
-    def _capture(self, adapters: bool) -> dict | None:
+    def _capture(self, adapters: bool, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         device = self.cache.k[0].device
         if self._static is None:
             self._static = static_decode_inputs(self.sizes[-1], self.max_blocks, device)
-        # The warm-up runs write the cache: every row padding (no slot) while capturing.
+        # The warm-up forwards write the cache: every row padding (no slot, no keys).
         self._static.slot_mapping.fill_(-1)
         self._static.seq_lens.zero_()
-        graphs = {}
-        try:
-            # Largest first: the smaller graphs reuse its memory pool (one pool for both sets:
-            # a replay's output is consumed before the next replay, on the same stream).
-            for size in reversed(self.sizes):
-                inputs = view_decode_inputs(self._static, size, adapters)
-                stream = torch.cuda.Stream(device)
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks its kernels
-                    for _ in range(2):
-                        forward_with_cache(self.model, self.cache, inputs)
-                torch.cuda.current_stream(device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    out = forward_with_cache(self.model, self.cache, inputs)
-                self._pool = graph.pool()
-                graphs[size] = (graph, out)
-        except Exception as e:  # noqa: BLE001 - the eager path serves these steps instead
-            warnings.warn(f"CUDA graphs: capturing decode steps {'with' if adapters else 'without'} adapters failed "
-                          f"({e!r}); such steps run eagerly", RuntimeWarning, stacklevel=2)
-            return None
-        torch.cuda.synchronize(device)
-        return graphs
+        inputs = view_decode_inputs(self._static, size, adapters)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks its kernels
+            for _ in range(2):
+                forward_with_cache(self.model, self.cache, inputs)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = forward_with_cache(self.model, self.cache, inputs)
+        self._pool = graph.pool()
+        return graph, out

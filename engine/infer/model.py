@@ -114,8 +114,8 @@ class InferenceModel:
         adapter: PEFT adapter folder served to requests that name none (a sampling client
             of a trained adapter).
         use_cuda_graphs: on CUDA, replay captured graphs for decode-only steps, with or
-            without per-request adapters (cuda_graphs.py; each set captured on its first
-            step). Ignored elsewhere and, for now, under tensor parallelism.
+            without per-request adapters (cuda_graphs.py; each graph captured on the first
+            step of its batch size). Ignored elsewhere and, for now, under tensor parallelism.
     """
 
     def __init__(self, model_or_path, *, max_batch_size: int = 2048, dtype: torch.dtype | None = None, device=None,
