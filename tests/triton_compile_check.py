@@ -77,7 +77,7 @@ dispatch.interpreting = lambda: True  # let impl="triton" take CPU tensors: noth
 import kernels.lora_triton as lora_triton  # noqa: E402
 
 lora_triton.interpreting = lambda: False  # but pick the GPU tiles and dot precisions
-for module in ("kernels.varlen_attention_triton", "kernels.paged_attention"):
+for module in ("kernels.varlen_attention_triton", "kernels.paged_attention", "kernels.fused_ops"):
     mod = sys.modules.get(module) or __import__(module, fromlist=["_"])
     if hasattr(mod, "check_triton_device"):
         mod.check_triton_device = lambda op, x: None
@@ -145,7 +145,24 @@ def lora():
             torch.randn(2, 96, 16, dtype=dtype), torch.ones(2), ids, impl="triton"))
 
 
-for name, fn in (("cross_entropy", cross_entropy), ("attention", attention), ("lora", lora)):
+def fused_ops():
+    for dtype in (torch.bfloat16, torch.float32):
+        for hidden in (2048, 5120):
+            x = torch.randn(4, hidden, dtype=dtype)
+            kernels.rms_norm(x, torch.ones(hidden, dtype=dtype), 1e-5, impl="triton")
+            kernels.rms_norm(x, torch.ones(hidden, dtype=dtype), 1e-5, residual=x.clone(), impl="triton")
+        for d in (64, 128):
+            qkv = torch.randn(3, 48 * d, dtype=dtype)
+            q, k = qkv[:, :32 * d].view(3, 32, d), qkv[:, 32 * d:40 * d].view(3, 8, d)
+            cos, sin = torch.randn(3, 1, d, dtype=dtype), torch.randn(3, 1, d, dtype=dtype)
+            kernels.rope(q, k, cos, sin, impl="triton")
+            kernels.rope(q, k, cos, sin, q_weight=torch.ones(d, dtype=dtype), k_weight=torch.ones(d, dtype=dtype),
+                         impl="triton")
+        kernels.silu_mul(torch.randn(4, 2 * 8192, dtype=dtype), impl="triton")
+
+
+for name, fn in (("cross_entropy", cross_entropy), ("attention", attention), ("lora", lora),
+                 ("fused_ops", fused_ops)):
     attempt(name, fn)
 print(f"{len(compiled)} kernel specialisations compiled for sm_90, {len(failed)} failed: {sorted(set(failed))}")
 sys.exit(1 if failed or not compiled else 0)

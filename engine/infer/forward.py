@@ -1,7 +1,8 @@
 """The decoder over a paged KV cache: prefill chunks and decode steps in one packed batch.
 
 Each layer reuses the model's own modules (qkv, q_norm/k_norm, RoPE, o, the MLP and the
-norms) in the order of ``Attention.forward``; only the attention differs:
+norms' weights) in the order of ``Attention.forward``; each residual add is fused with the
+norm that follows it (``kernels.rms_norm(..., residual=)``); only the attention differs:
 
 * the step's new keys/values are written into the cache first (``kernels.append_kv``);
 * decode-only steps (one new token per sequence) run ``kernels.paged_attention`` straight
@@ -125,13 +126,23 @@ def _attention(attn, x, cos, sin, layer: int, cache: KVCache, batch: StepBatch) 
     return project(attn.o, out.reshape(x.shape[0], -1), batch.adapter_ids)
 
 
+def _add_norm(norm, h: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h + delta), h + delta): the residual add and the next pre-norm in one kernel."""
+    if delta is None:
+        return norm(h), h
+    return kernels.rms_norm(delta, norm.weight, norm.eps, residual=h)
+
+
 @torch.no_grad()
 def forward_with_cache(model, cache: KVCache, batch: StepBatch) -> torch.Tensor:
     """Run the decoder on a step's new tokens, reading and extending the paged cache.
     Returns the final-normed hidden states [T, hidden] of the new tokens."""
     h = model.embed(batch.input_ids)
     cos, sin = model.rope(batch.position_ids, h.dtype)
+    delta = None  # the last sublayer's output, added to the residual stream by the next norm
     for i, block in enumerate(model.layers):
-        h = h + _attention(block.attn, block.attn_norm(h), cos, sin, i, cache, batch)
-        h = h + block.mlp(block.mlp_norm(h), batch.adapter_ids)
-    return model.norm(h)
+        x, h = _add_norm(block.attn_norm, h, delta)
+        delta = _attention(block.attn, x, cos, sin, i, cache, batch)
+        x, h = _add_norm(block.mlp_norm, h, delta)
+        delta = block.mlp(x, batch.adapter_ids)
+    return _add_norm(model.norm, h, delta)[0]

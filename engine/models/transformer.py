@@ -26,16 +26,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same order of operations as transformers (normalise in float32, cast back, then
-        # scale), so bf16 results agree with it exactly.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        # transformers' order of operations (normalise in float32, cast back, then scale);
+        # one fused kernel on CUDA without autograd, the same eager ops otherwise.
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -76,9 +69,11 @@ class Attention(nn.Module):
         kv_size = self.qkv.out_features // (self.kv_ratio + 2)
         q, k, v = project(self.qkv, x, adapter_ids).split([kv_size * self.kv_ratio, kv_size, kv_size], dim=-1)
         q, k, v = (z.view(t, -1, self.head_dim) for z in (q, k, v))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+        norms = {}
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm first, fused with the rotation
+            norms = dict(q_weight=self.q_norm.weight, k_weight=self.k_norm.weight, eps=self.q_norm.eps)
+        q, k = kernels.rope(q, k, cos, sin, **norms)
+        return q, k, v
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, adapter_ids=None):
         q, k, v = self.qkv_rope(x, cos, sin, adapter_ids)
@@ -96,8 +91,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x, adapter_ids=None):
-        gate, up = project(self.gate_up, x, adapter_ids).chunk(2, dim=-1)
-        return project(self.down, F.silu(gate) * up, adapter_ids)
+        return project(self.down, kernels.silu_mul(project(self.gate_up, x, adapter_ids)), adapter_ids)
 
 
 class Block(nn.Module):
