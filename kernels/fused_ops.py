@@ -56,31 +56,41 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rope_kernel(X, Out, Cos, Sin, W, n_heads, half, stride_xt, stride_xh, stride_ot, stride_oh, stride_ct, stride_st,
-                 eps, HAS_NORM: tl.constexpr, BLOCK: tl.constexpr):
+def _rope_kernel(Q, K, QO, KO, Cos, Sin, WQ, WK, n_q, half, stride_qt, stride_qh, stride_kt, stride_kh, stride_qot,
+                 stride_qoh, stride_kot, stride_koh, stride_ct, stride_st, eps, HAS_NORM: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """One program per (token, head) over the q heads then the k heads: one launch for both."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < half
-    x_row = X + t * stride_xt + h * stride_xh
+    if h < n_q:
+        x_row = Q + t * stride_qt + h * stride_qh
+        o_row = QO + t * stride_qot + h * stride_qoh
+    else:
+        x_row = K + t * stride_kt + (h - n_q) * stride_kh
+        o_row = KO + t * stride_kot + (h - n_q) * stride_koh
     x1 = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + half + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:  # Qwen3's per-head RMSNorm before the rotation
+        if h < n_q:
+            w_row = WQ
+        else:
+            w_row = WK
         inv = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * half) + eps)
-        w1 = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        w2 = tl.load(W + half + cols, mask=mask, other=0.0).to(tl.float32)
-        x1 = _round(w1 * _round(x1 * inv, X.dtype.element_ty), X.dtype.element_ty)
-        x2 = _round(w2 * _round(x2 * inv, X.dtype.element_ty), X.dtype.element_ty)
+        w1 = tl.load(w_row + cols, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_row + half + cols, mask=mask, other=0.0).to(tl.float32)
+        x1 = _round(w1 * _round(x1 * inv, Q.dtype.element_ty), Q.dtype.element_ty)
+        x2 = _round(w2 * _round(x2 * inv, Q.dtype.element_ty), Q.dtype.element_ty)
     c1 = tl.load(Cos + t * stride_ct + cols, mask=mask, other=0.0).to(tl.float32)
     c2 = tl.load(Cos + t * stride_ct + half + cols, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(Sin + t * stride_st + cols, mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(Sin + t * stride_st + half + cols, mask=mask, other=0.0).to(tl.float32)
     # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product rounded
-    o1 = _round(x1 * c1, X.dtype.element_ty) + _round(-x2 * s1, X.dtype.element_ty)
-    o2 = _round(x2 * c2, X.dtype.element_ty) + _round(x1 * s2, X.dtype.element_ty)
-    o_row = Out + t * stride_ot + h * stride_oh
-    tl.store(o_row + cols, o1.to(X.dtype.element_ty), mask=mask)
-    tl.store(o_row + half + cols, o2.to(X.dtype.element_ty), mask=mask)
+    o1 = _round(x1 * c1, Q.dtype.element_ty) + _round(-x2 * s1, Q.dtype.element_ty)
+    o2 = _round(x2 * c2, Q.dtype.element_ty) + _round(x1 * s2, Q.dtype.element_ty)
+    tl.store(o_row + cols, o1.to(Q.dtype.element_ty), mask=mask)
+    tl.store(o_row + half + cols, o2.to(Q.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -132,19 +142,6 @@ def rms_norm_triton(x, weight, eps, residual=None):
     return out if residual is None else (out, h.view(x.shape))
 
 
-def _rope_one(x, cos, sin, weight, eps):
-    t, heads, d = x.shape
-    out = torch.empty(t, heads, d, dtype=x.dtype, device=x.device)
-    if t and heads:
-        half = d // 2
-        with _launch(x):
-            _rope_kernel[(t, heads)](
-                x, out, cos, sin, weight, heads, half, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                cos.stride(0), sin.stride(0), float(eps), HAS_NORM=weight is not None,
-                BLOCK=triton.next_power_of_2(half), num_warps=1)
-    return out
-
-
 def rope_triton(q, k, cos, sin, q_weight=None, k_weight=None, eps=1e-6):
     check_triton_device("rope", q)
     if q.stride(-1) != 1:
@@ -154,7 +151,19 @@ def rope_triton(q, k, cos, sin, q_weight=None, k_weight=None, eps=1e-6):
     cos, sin = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
     if cos.stride(-1) != 1 or sin.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
-    return _rope_one(q, cos, sin, q_weight, eps), _rope_one(k, cos, sin, k_weight, eps)
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    q_out = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(t, hkv, d, dtype=q.dtype, device=q.device)
+    if t and hq + hkv:
+        half = d // 2
+        with _launch(q):
+            _rope_kernel[(t, hq + hkv)](
+                q, k, q_out, k_out, cos, sin, q_weight, k_weight, hq, half, q.stride(0), q.stride(1), k.stride(0),
+                k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
+                sin.stride(0), float(eps), HAS_NORM=q_weight is not None, BLOCK=triton.next_power_of_2(half),
+                num_warps=1)
+    return q_out, k_out
 
 
 def silu_mul_triton(gate_up):
