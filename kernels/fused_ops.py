@@ -11,7 +11,8 @@ reference up to the reduction order of the RMS mean.
 
 Forward only (inference): with autograd recording and an input that requires grad,
 ``impl="auto"`` takes the torch reference, whose ops autograd differentiates; ``impl=
-"triton"`` refuses. The torch functions are the reference and the CPU path.
+"triton"`` refuses. The torch functions are the reference and the CPU path. The inference
+engine calls these with "auto"; the model's own modules pass "torch" (engine/models).
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """The decoder over a paged KV cache: prefill chunks and decode steps in one packed batch.
 
 Each layer reuses the model's own modules (qkv, q_norm/k_norm, RoPE, o, the MLP and the
-norms' weights) in the order of ``Attention.forward``; each residual add is fused with the
-norm that follows it (``kernels.rms_norm(..., residual=)``); only the attention differs:
+norms' weights) in the order of ``Attention.forward``, with the small fused kernels on CUDA
+(``impl="auto"``; the training model keeps the eager ops): each residual add is fused with
+the norm that follows it (``kernels.rms_norm(..., residual=)``), RoPE with the q/k norms.
+Only the attention differs:
 
 * the step's new keys/values are written into the cache first (``kernels.append_kv``);
 * decode-only steps (one new token per sequence) run ``kernels.paged_attention`` straight
@@ -103,7 +105,7 @@ class StepBatch:
 
 
 def _attention(attn, x, cos, sin, layer: int, cache: KVCache, batch: StepBatch) -> torch.Tensor:
-    q, k, v = attn.qkv_rope(x, cos, sin, batch.adapter_ids)
+    q, k, v = attn.qkv_rope(x, cos, sin, batch.adapter_ids, impl="auto")
     k_cache, v_cache = cache.k[layer], cache.v[layer]
     kernels.append_kv(k_cache, v_cache, k, v, batch.slot_mapping)
     scale = attn.head_dim ** -0.5
@@ -129,7 +131,7 @@ def _attention(attn, x, cos, sin, layer: int, cache: KVCache, batch: StepBatch) 
 def _add_norm(norm, h: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(h + delta), h + delta): the residual add and the next pre-norm in one kernel."""
     if delta is None:
-        return norm(h), h
+        return kernels.rms_norm(h, norm.weight, norm.eps), h
     return kernels.rms_norm(delta, norm.weight, norm.eps, residual=h)
 
 
@@ -144,5 +146,5 @@ def forward_with_cache(model, cache: KVCache, batch: StepBatch) -> torch.Tensor:
         x, h = _add_norm(block.attn_norm, h, delta)
         delta = _attention(block.attn, x, cos, sin, i, cache, batch)
         x, h = _add_norm(block.mlp_norm, h, delta)
-        delta = block.mlp(x, batch.adapter_ids)
+        delta = block.mlp(x, batch.adapter_ids, impl="auto")
     return _add_norm(model.norm, h, delta)[0]

@@ -26,9 +26,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # transformers' order of operations (normalise in float32, cast back, then scale);
-        # one fused kernel on CUDA without autograd, the same eager ops otherwise.
-        return kernels.rms_norm(x, self.weight, self.eps)
+        # transformers' order of operations (normalise in float32, cast back, then scale).
+        # Eager ops: the inference engine calls the fused kernel itself (engine/infer).
+        return kernels.rms_norm(x, self.weight, self.eps, impl="torch")
 
 
 class RotaryEmbedding(nn.Module):
@@ -62,9 +62,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
 
-    def qkv_rope(self, x, cos, sin, adapter_ids=None):
+    def qkv_rope(self, x, cos, sin, adapter_ids=None, impl="torch"):
         """q [T, Hq, D], k and v [T, Hkv, D] of x, with the q/k norms and RoPE applied (the
-        part of attention shared by training and cached decoding, engine/infer)."""
+        part of attention shared by training and cached decoding, engine/infer). ``impl``
+        of ``kernels.rope``: the model runs the eager ops, so a forward with and without
+        autograd agree bit for bit; the inference engine passes "auto" (fused on CUDA)."""
         t = x.shape[0]
         kv_size = self.qkv.out_features // (self.kv_ratio + 2)
         q, k, v = project(self.qkv, x, adapter_ids).split([kv_size * self.kv_ratio, kv_size, kv_size], dim=-1)
@@ -72,7 +74,7 @@ class Attention(nn.Module):
         norms = {}
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm first, fused with the rotation
             norms = dict(q_weight=self.q_norm.weight, k_weight=self.k_norm.weight, eps=self.q_norm.eps)
-        q, k = kernels.rope(q, k, cos, sin, **norms)
+        q, k = kernels.rope(q, k, cos, sin, **norms, impl=impl)
         return q, k, v
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, adapter_ids=None):
@@ -90,8 +92,9 @@ class MLP(nn.Module):
         self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x, adapter_ids=None):
-        return project(self.down, kernels.silu_mul(project(self.gate_up, x, adapter_ids)), adapter_ids)
+    def forward(self, x, adapter_ids=None, impl="torch"):
+        """``impl`` of ``kernels.silu_mul`` (see ``Attention.qkv_rope``)."""
+        return project(self.down, kernels.silu_mul(project(self.gate_up, x, adapter_ids), impl=impl), adapter_ids)
 
 
 class Block(nn.Module):
