@@ -6,8 +6,9 @@ Cache layout (vLLM's): ``k_cache``/``v_cache`` are [num_blocks, block_size, Hkv,
 
 Decoding (``paged_attention``): one query per sequence, at position ``seq_lens[b] - 1``,
 attending to the sequence's first ``seq_lens[b]`` cached tokens (the new token's own k/v
-must already be appended). Split-K ("flash-decoding"): the context is cut into
-``num_splits`` chunks so that a small batch still fills the GPU; each program handles
+must already be appended). Split-K ("flash-decoding"): each sequence's context is cut
+into up to ``num_splits`` chunks (of at least 256 keys, cut on the device from the
+sequence's own length) so that a small batch still fills the GPU; each program handles
 one (sequence, key/value head, chunk) with all the query heads of its GQA group as the
 rows of one tile, writes a partial (max, sum, unnormalised output) in float32, and a
 combine kernel merges the chunks. With a single chunk the first kernel writes ``out``
@@ -42,7 +43,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _paged_attn_fwd_kernel(
     Q, KCache, VCache, BlockTable, SeqLens, Out, PartAcc, PartM, PartL, sm_scale, softcap, window,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_tb, stride_ob, stride_oh, num_kv_heads, group, head_dim, block_size, max_blocks, split_len,
+    stride_tb, stride_ob, stride_oh, num_kv_heads, group, head_dim, block_size, max_blocks, min_keys,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -60,10 +61,17 @@ def _paged_attn_fwd_kernel(
     q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
     seq_len = tl.load(SeqLens + b)
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    # The keys this query sees, [lo, seq_len), cut into chunks from the sequence's own
+    # length (not the table's width, which a CUDA graph pads to the longest context): as
+    # many chunks as the grid has, but none under min_keys keys; chunks past them are empty.
+    lo = 0
     if HAS_WINDOW:  # the query at seq_len - 1 sees keys p > seq_len - 1 - window
-        start = tl.maximum(start, seq_len - window)
+        lo = tl.maximum(seq_len - window, 0)
+    span = seq_len - lo
+    used = tl.maximum(tl.minimum(num_splits, tl.cdiv(span, min_keys)), 1)
+    chunk = tl.cdiv(tl.cdiv(span, used), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, seq_len)
     table = BlockTable + b.to(tl.int64) * stride_tb
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
@@ -166,13 +174,17 @@ def _decode_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
+_MIN_KEYS, _MIN_KEYS_INTERPRETED = 256, 32  # the shortest chunk worth a partial write
+
+
 def _default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Enough (sequence, head, chunk) programs for about two waves of the GPU, but no chunk
-    shorter than 256 keys (under the interpreter: 32), since each costs a partial write."""
+    """Enough (sequence, head, chunk) programs for about two waves of the GPU, but no more
+    chunks than the longest context has of ``_MIN_KEYS`` keys (under the interpreter: 32).
+    The kernel cuts each sequence into at most this many chunks of at least that size."""
     if device.type != "cuda":  # the interpreter
-        target, min_keys = 8, 32
+        target, min_keys = 8, _MIN_KEYS_INTERPRETED
     else:
-        target, min_keys = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()), 256
+        target, min_keys = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()), _MIN_KEYS
     wanted = triton.cdiv(target, max(1, batch * num_kv_heads))
     return max(1, min(wanted, triton.cdiv(max_context, min_keys), 64))
 
@@ -194,10 +206,10 @@ def paged_attention_fwd(
         return out
     cfg = _decode_config(d, q.dtype)
     max_context = max(1, max_blocks * block_size)
+    min_keys = 1  # an explicit num_splits is taken as it is
     if num_splits is None:
         num_splits = _default_num_splits(batch, hkv, max_context, q.device)
-    split_len = triton.cdiv(triton.cdiv(max_context, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    num_splits = triton.cdiv(max_context, split_len)  # no chunk that starts past the table
+        min_keys = _MIN_KEYS if q.is_cuda else _MIN_KEYS_INTERPRETED
     single = num_splits == 1
     part_acc = part_m = part_l = out  # unused placeholders when there is one chunk
     if not single:
@@ -211,7 +223,7 @@ def paged_attention_fwd(
             softmax_scale, softcap or 0.0, window or 0,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
-            hkv, hq // hkv, d, block_size, max_blocks, split_len,
+            hkv, hq // hkv, d, block_size, max_blocks, min_keys,
             SINGLE_SPLIT=single, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_D=block_d, **cfg,
         )

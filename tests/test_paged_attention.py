@@ -89,6 +89,25 @@ def test_public_op_and_heuristic_splits():
     assert pa._default_num_splits(2, 2, 80, q.device) > 1  # this shape did take the split-K path
 
 
+@pytest.mark.parametrize("num_splits,window", [(None, None), (5, None), (4, 30)])
+def test_chunks_follow_each_sequence_not_the_table_width(num_splits, window):
+    """A CUDA graph pads the block table to the longest possible context: the chunks are
+    cut from each sequence's own length, so a wide table of zeros past the sequences
+    changes nothing."""
+    lens = [70, 2, 41]
+    k_cache, v_cache, block_table, keys, values = make_cache(lens, 2, 16, 8)
+    wide = torch.zeros(len(lens), 64, dtype=torch.int32)  # 512 tokens of table
+    wide[:, :block_table.shape[1]] = block_table
+    for b, n in enumerate(lens):
+        wide[b, -(-n // 8):] = 0
+    q = torch.randn(len(lens), 4, 16)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = pa.paged_attention_fwd(q, k_cache, v_cache, wide, seq_lens, softmax_scale=0.25, window=window,
+                                 softcap=None, num_splits=num_splits, out=torch.full_like(q, float("nan")))
+    want = dense_decode(q, keys, values, scale=0.25, window=window, softcap=None)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_append_kv(impl):
     num_blocks, block_size, hkv, d = 6, 4, 3, 24
