@@ -421,7 +421,7 @@ class InferenceModel:
         the host until then), so the host schedules and builds step n+1 while the device
         still runs step n, and only then waits for step n's tokens. A sequence that step n
         ends (a stop token) has computed one token too many in step n+1, which is dropped.
-        Steps that fork samples or score prompt tokens are finished at once."""
+        Steps that fork samples are finished at once (the clones join the next step)."""
         plan = self.scheduler.schedule()
         self.stats["preemptions"] = self.scheduler.num_preemptions
         if not plan:
@@ -488,7 +488,7 @@ class InferenceModel:
         spec.truncate = any(0 < k < self.config.vocab_size for k in spec.top_k) or any(p < 1.0 for p in spec.top_p)
         handle = self._executor.launch(spec)
         stats["steps"] += 1
-        deferred = self._executor.overlaps and not scored and all(seq.fork == 1 for seq in owners)
+        deferred = self._executor.overlaps and all(seq.fork == 1 for seq in owners)
         stats["overlapped_steps"] += deferred
         # A placeholder for each token this step samples, so the next step can be planned
         # now; not for the last token of a sequence (nothing follows it).

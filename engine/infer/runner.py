@@ -104,9 +104,9 @@ class StepRunner:
         batch = StepBatch.build(spec.chunks, self.cache.block_size, self.device, spec.adapter_ids)
         # Every row that is scored or sampled: their logits are computed (and gathered) once.
         scored = [r for start, targets, _ in spec.prompt for r in range(start, start + len(targets))]
-        rows, expand, top_k, seeds, steps, feed_rows, feed_from = host_to_device(
-            self.device, torch.int64, scored + spec.rows, spec.expand, spec.top_k, spec.seeds, spec.steps,
-            [r for r, _ in spec.feed], [k for _, k in spec.feed])
+        rows, targets, expand, top_k, seeds, steps, feed_rows, feed_from = host_to_device(
+            self.device, torch.int64, scored + spec.rows, [t for _, ts, _ in spec.prompt for t in ts], spec.expand,
+            spec.top_k, spec.seeds, spec.steps, [r for r, _ in spec.feed], [k for _, k in spec.feed])
         temps, top_p = host_to_device(self.device, torch.float32, spec.temps, spec.top_p)
         if spec.feed:
             if self._last_draws is None:
@@ -122,38 +122,45 @@ class StepRunner:
         if not self.lead:
             return None
         logits = logits.float()
-        prompt, at = [], 0
-        for _, targets, topk in spec.prompt:
-            logp = logits[at:at + len(targets)].log_softmax(-1)
-            at += len(targets)
-            lps = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
-            top = None
+        # Device results, copied out without waiting (collect waits for this step only):
+        # per scored chunk its target logprobs and top-k, then the draws.
+        out, at = [], 0
+        for _, chunk_targets, topk in spec.prompt:
+            logp = logits[at:at + len(chunk_targets)].log_softmax(-1)
+            out.append(logp.gather(1, targets[at:at + len(chunk_targets), None])[:, 0])
+            at += len(chunk_targets)
             if topk:
-                vals, idx = logp.topk(min(topk, logp.shape[-1]), dim=-1)
-                top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-            prompt.append((lps, top))
-        if not spec.rows:
-            return StepResult(prompt, [])
-        tok, lp, raw = sample_tokens(logits[at:][expand], temps, top_k, top_p, seeds, steps, truncate=spec.truncate)
-        self._last_draws = tok
-        draws = torch.stack([tok.double(), lp.double(), raw.double()], 1)
-        if draws.is_cuda:  # copy out without waiting; collect waits for this step only
-            host = torch.empty(draws.shape, dtype=draws.dtype, pin_memory=True)
-            host.copy_(draws, non_blocking=True)
+                out.extend(logp.topk(min(topk, logp.shape[-1]), dim=-1))
+        if spec.rows:
+            tok, lp, raw = sample_tokens(logits[at:][expand], temps, top_k, top_p, seeds, steps, truncate=spec.truncate)
+            self._last_draws = tok
+            out.append(torch.stack([tok.double(), lp.double(), raw.double()], 1))
+        done = None
+        if logits.is_cuda:
+            out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in out]
             done = torch.cuda.Event()
             done.record()
-            return prompt, host, done
-        return prompt, draws, None
+        return spec.prompt, out, done
 
     @staticmethod
     def collect(handle) -> StepResult | None:
         """The host results of a launched step (waits for that step's device work)."""
         if handle is None or isinstance(handle, StepResult):
             return handle
-        prompt, draws, done = handle
+        chunks, out, done = handle
         if done is not None:
             done.synchronize()
-        return StepResult(prompt, [(int(t), a, b) for t, a, b in draws.tolist()])
+        out = iter(out)
+        prompt = []
+        for _, _, topk in chunks:
+            lps = next(out).tolist()
+            top = None
+            if topk:
+                vals, idx = next(out), next(out)
+                top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+            prompt.append((lps, top))
+        draws = next(out, None)
+        return StepResult(prompt, [] if draws is None else [(int(t), a, b) for t, a, b in draws.tolist()])
 
     def set_adapters(self, slots: list[str]) -> None:
         set_adapter_stack(self.model, slots)
