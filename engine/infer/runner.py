@@ -18,6 +18,11 @@ vocabulary; the logits of the rows that are sampled or scored are all-gathered o
 vocabulary (``gather_vocab``: [rows, V], never the whole step's tokens), and rank 0 alone
 samples and answers. The block copies of forked samples (``Scheduler.copies``) are made
 first in every step, on every rank.
+
+A step is ``launch``-ed (its device work queued, inputs copied from pinned memory without
+waiting) and later ``collect``-ed (results copied out the same way; waits on that step's
+event only). At tp=1 (``LocalExecutor.overlaps``) the engine launches step n+1 before it
+collects step n; the other executors run each step to the end.
 """
 from __future__ import annotations
 
