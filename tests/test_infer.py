@@ -174,15 +174,9 @@ def test_overlapped_steps_equal_synchronous_steps(checkpoint, seed):
             torch.testing.assert_close(s.raw_logprobs, t.raw_logprobs, **close)
     for a, b in zip(scores, sync_scores):
         torch.testing.assert_close(a, b, **close)
-    return sync, stats
-
-
-def test_overlap_workload_covers_stops_and_preemption(checkpoint):
-    """The random workloads above do reach the cases that matter (checked on one seed)."""
-    sync, stats = test_overlapped_steps_equal_synchronous_steps(checkpoint, 11)
-    assert stats["overlapped_steps"] > 0 and stats["preemptions"] > 0
-    assert any(s.stop_reason == "stop" for r in sync for s in r)
-    assert any(len(r) > 1 for r in sync)
+    if seed == 11:  # the workloads do reach the cases that matter
+        assert stats["overlapped_steps"] > 0 and stats["preemptions"] > 0
+        assert any(s.stop_reason == "stop" for r in sync for s in r) and any(len(r) > 1 for r in sync)
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
