@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -330,6 +331,26 @@ def test_stop_tokens_asyncio_and_weight_updates(checkpoint):
         with pytest.raises(KeyError, match="not a parameter"):
             engine.update_weights({"nope": torch.zeros(1)}).result(60)
         assert engine.update_weights().result(60) == 2  # weights changed in place by their owner
+
+
+def test_commands_between_overlapped_steps(checkpoint):
+    """A weight update and a call queued while steps are in flight run with no step in
+    flight: sequences already sampling keep the version they started with, later ones get
+    the new one, and the call sees the engine between two steps."""
+    folder = checkpoint("llama")
+    model = load_model(folder)
+    prompts = _prompts(21, (5, 9, 3))
+    with InferenceModel(model, max_batch_size=32, block_size=4, kv_cache_tokens=512) as engine:
+        long = [engine.sample(p, 1, SamplingParams(max_tokens=40, temperature=0.0)) for p in prompts]
+        while engine.stats["decode_tokens"] < 6:  # decoding, with a step in flight
+            time.sleep(0.001)
+        seen = engine.run_between_steps(lambda: engine._inflight is None).result(60)
+        assert engine.update_weights({"norm.weight": model.norm.weight * 0.5}).result(60) == 1
+        after = engine.sample(prompts[0], 1, SamplingParams(max_tokens=4, temperature=0.0)).result(60)
+        done = [f.result(60).sequences[0] for f in long]
+    assert seen is True
+    assert [len(s.tokens) for s in done] == [40] * 3 and all(s.weight_version == 0 for s in done)
+    assert after.sequences[0].weight_version == 1
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
