@@ -1,11 +1,16 @@
-"""``python -m engine demo``: train a LoRA adapter through the training API.
+"""``python -m engine demo``: train a LoRA adapter through the training API, then sample
+from it through the sampling API.
 
 Builds a random Llama-architecture checkpoint (32-token vocabulary) in a temporary folder,
 then teaches it, through ``engine.model(...).with_adapter(...).spawn_train(...)``, to
 reverse short digit strings: ``<bos> 3 1 4 1 5 <sep> 5 1 4 1 3 <eos>``. The loss covers
 only the answer tokens (per-token weights). Accuracy is the share of held-out answer tokens
-predicted with probability above 1/2 (hence greedily right), before and after training;
-the adapter is saved in PEFT's format. On a GPU the same runs on a larger model through the Triton kernels.
+predicted with probability above 1/2 (hence greedily right), before and after training.
+Then a sampling client that shares the trained weights
+(``save_weights_and_get_sampling_client``) answers held-out prompts greedily, stopping at
+``<eos>``; the demo reports how many answers are exactly the reversed string. The adapter
+is saved in PEFT's format. On a GPU the same runs on a larger model through the Triton
+kernels.
 """
 from __future__ import annotations
 
@@ -64,6 +69,19 @@ def accuracy(trainer, held_out: list) -> float:
     return hit / max(total, 1)
 
 
+def sample_answers(trainer, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy answers to ``prompts`` (``<bos> digits <sep>``) from a sampling client that
+    shares the trainer's weights, each ending at ``<eos>`` (kept) or after len(digits) + 1
+    tokens; all requests are in flight at once (continuous batching)."""
+    import engine
+
+    sampler = trainer.save_weights_and_get_sampling_client()
+    futs = [sampler.sample(engine.ModelInput.from_ints(p), 1,
+                           engine.SamplingParams(max_tokens=len(p) - 1, temperature=0.0, stop=[EOS]))
+            for p in prompts]
+    return [f.result().sequences[0].tokens for f in futs]
+
+
 def _bar(step: int, steps: int, loss: float, width: int = 30) -> str:
     done = int(width * step / steps)
     return f"\r  [{'#' * done}{'.' * (width - done)}] step {step}/{steps}  loss/token {loss:.3f}"
@@ -86,7 +104,7 @@ def run(device: str | None = None, steps: int = 300, out: str | None = None, see
     batch_size = 32
     with tempfile.TemporaryDirectory(prefix="engine-demo-") as tmp:
         ckpt = Path(tmp) / "base"
-        print(f"[1/4] random Llama checkpoint (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        print(f"[1/5] random Llama checkpoint (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
               f"vocab {VOCAB}) in {ckpt}")
         save_random_checkpoint(ckpt, "llama", seed=seed, **config)
         _sharpen_lm_head(ckpt)
@@ -96,8 +114,8 @@ def run(device: str | None = None, steps: int = 300, out: str | None = None, see
         print(f"      LoRA r=16 on every linear layer: {info['trainable_parameters']:,} trainable of "
               f"{info['parameters']:,} parameters, {info['dtype']} on {info['device']}")
         before = accuracy(trainer, held_out)
-        print(f"[2/4] task: reverse 3-5 digits; held-out answer-token accuracy (p > 1/2) before training: {before:.1%}")
-        print(f"[3/4] training {steps} steps of {batch_size} strings (cross_entropy on answer tokens, AdamW lr 3e-3)")
+        print(f"[2/5] task: reverse 3-5 digits; held-out answer-token accuracy (p > 1/2) before training: {before:.1%}")
+        print(f"[3/5] training {steps} steps of {batch_size} strings (cross_entropy on answer tokens, AdamW lr 3e-3)")
         adam = engine.AdamParams(learning_rate=3e-3, weight_decay=0.0, grad_clip_norm=1.0)
         start = time.perf_counter()
         loss = float("nan")
@@ -112,9 +130,21 @@ def run(device: str | None = None, steps: int = 300, out: str | None = None, see
         elapsed = time.perf_counter() - start
         after = accuracy(trainer, held_out)
         print(f"      {elapsed:.1f} s ({elapsed / steps * 1e3:.0f} ms per step), final loss/token {loss:.3f}")
-        print(f"[4/4] held-out answer-token accuracy: {before:.1%} -> {after:.1%}")
+        print(f"[4/5] held-out answer-token accuracy: {before:.1%} -> {after:.1%}")
+        questions = [example(rng, rng.randint(3, 5))[0] for _ in range(100)]
+        prompts = [q[:q.index(SEP) + 1] for q in questions]
+        start = time.perf_counter()
+        answers = sample_answers(trainer, prompts)
+        sampled = time.perf_counter() - start
+        exact = sum(a == q[len(p):] for a, q, p in zip(answers, questions, prompts)) / len(questions)
+        print(f"[5/5] sampling client sharing the trained weights: {len(prompts)} held-out prompts, greedy, "
+              f"stop at <eos>, {sampled:.1f} s")
+        for p, a in list(zip(prompts, answers))[:3]:
+            print(f"      {' '.join(map(str, p[1:-1]))}  ->  {' '.join('<eos>' if t == EOS else str(t) for t in a)}")
+        print(f"      exact reversals: {exact:.0%}")
         path = trainer.save_weights_for_sampler(out or str(Path(tmp) / "adapter")).result()
         files = sorted(p.name for p in Path(path).iterdir())
         print(f"      PEFT adapter saved to {path} ({', '.join(files)})")
         trainer.close()
-    return {"accuracy_before": before, "accuracy_after": after, "seconds": elapsed, "final_loss": loss}
+    return {"accuracy_before": before, "accuracy_after": after, "exact_sampled": exact, "seconds": elapsed,
+            "final_loss": loss}

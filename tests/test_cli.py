@@ -31,6 +31,8 @@ def test_demo(capsys, tmp_path):
     line = next(l for l in out.splitlines() if "accuracy:" in l)
     before, after = (float(x.strip(" %")) for x in line.split(":")[1].split("->"))
     assert after > before + 40, line
+    exact = next(l for l in out.splitlines() if "exact reversals:" in l)  # sampled through the sampling client
+    assert float(exact.split(":")[1].strip(" %")) >= 30, exact
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
