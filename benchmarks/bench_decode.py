@@ -51,6 +51,11 @@ def _run(engine, prompts, max_tokens, adapters=None):
     return time.perf_counter() - start, res
 
 
+def _steps(engine, before: dict) -> dict:
+    """Engine steps of a run, and how many of them overlapped the previous one."""
+    return {k: engine.stats[k] - before[k] for k in ("steps", "overlapped_steps")}
+
+
 def _hf_generate(folder, dtype, device, prompts, new_tokens):
     from transformers import AutoModelForCausalLM
 
@@ -122,15 +127,18 @@ def main(argv=None) -> list[dict]:
             engine._executor.overlaps = overlap
             impl = "engine" if overlap else "engine, steps in turn"
             if "batch1" not in args.skip:
+                before = dict(engine.stats)
                 secs, _ = _run(engine, _prompts(1, 16, 16, vocab, 1), [sizes["b1_new"]])
                 tps = sizes["b1_new"] / secs
                 rows.append(dict(workload="batch1", impl=impl, batch=1, tokens_per_s=tps,
-                                 floor_tokens_per_s=floor, fraction_of_floor=tps / floor))
+                                 floor_tokens_per_s=floor, fraction_of_floor=tps / floor, **_steps(engine, before)))
             if "batch32" not in args.skip:
                 prompts = _prompts(sizes["b32"], 16, 16, vocab, 2)
+                before = dict(engine.stats)
                 secs, _ = _run(engine, prompts, [sizes["b32_new"]] * len(prompts))
                 ours = len(prompts) * sizes["b32_new"] / secs
-                rows.append(dict(workload="batch32", impl=impl, batch=len(prompts), tokens_per_s=ours))
+                rows.append(dict(workload="batch32", impl=impl, batch=len(prompts), tokens_per_s=ours,
+                                 **_steps(engine, before)))
         if hf_secs is not None:
             theirs = sizes["b32"] * sizes["b32_new"] / hf_secs
             for row in rows:
@@ -166,7 +174,8 @@ def main(argv=None) -> list[dict]:
                                  tokens_per_s=len(prompts) * sizes["ad_new"] / secs, ratio_vs_one=secs / one))
 
     print(table(rows, ["workload", "impl", "batch", "tokens_per_s", "floor_tokens_per_s", "fraction_of_floor",
-                       "speedup_vs_transformers", "ttft_median_s", "ttft_p90_s", "preemptions", "ratio_vs_one"]))
+                       "speedup_vs_transformers", "ttft_median_s", "ttft_p90_s", "preemptions", "ratio_vs_one",
+                       "steps", "overlapped_steps"]))
     save("decode", rows, x="batch", y="tokens_per_s", series="impl", title="decode tokens/s (greedy)",
          ylabel="tokens/s", meta=dict(preset="tiny" if smoke else "llama-1b", dtype=str(dtype), weight_bytes=weight_bytes,
                                       bandwidth_gbs=args.bandwidth_gbs, **sizes),
