@@ -2,6 +2,7 @@
 and the torch reference on CPU tensors (DESIGN.md, "Kernels: contract of one op")."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -26,6 +27,12 @@ def resolve_impl(op: str, impl: str, x: torch.Tensor, available: tuple[str, ...]
         raise RuntimeError(f"{op}: impl='triton' on {x.device.type} tensors needs CUDA tensors, or TRITON_INTERPRET=1 "
                            "set before triton is imported (the Triton interpreter, for tests)")
     return impl
+
+
+def on_device(device: torch.device):
+    """The context a launcher runs its kernels in: ``torch.cuda.device(device)`` on CUDA
+    (kernels launch on the tensor's GPU, not the current one), nothing elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def interpreting() -> bool:

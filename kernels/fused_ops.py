@@ -16,11 +16,10 @@ engine calls these with "auto"; the model's own modules pass "torch" (engine/mod
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
-from ._dispatch import resolve_impl
+from ._dispatch import on_device, resolve_impl
 from .varlen_attention_triton import check_triton_device, tl, triton
 
 _BACKENDS = ("triton", "torch")
@@ -109,10 +108,6 @@ def _silu_mul_kernel(X, Out, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
 # launchers
 
 
-def _launch(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, last] with a unit last stride (a view when the layout allows it)."""
     if x.stride(-1) != 1:
@@ -134,7 +129,7 @@ def rms_norm_triton(x, weight, eps, residual=None):
         h = torch.empty_like(x2)
     block = triton.next_power_of_2(n_cols)
     if n_rows:
-        with _launch(x):
+        with on_device(x.device):
             _rms_norm_kernel[(n_rows,)](
                 x2, res2, weight, out, h, n_cols, x2.stride(0), 0 if res2 is None else res2.stride(0), out.stride(0),
                 0 if h is None else h.stride(0), float(eps), HAS_RES=residual is not None, BLOCK=block,
@@ -158,7 +153,7 @@ def rope_triton(q, k, cos, sin, q_weight=None, k_weight=None, eps=1e-6):
     k_out = torch.empty(t, hkv, d, dtype=q.dtype, device=q.device)
     if t and hq + hkv:
         half = d // 2
-        with _launch(q):
+        with on_device(q.device):
             _rope_kernel[(t, hq + hkv)](
                 q, k, q_out, k_out, cos, sin, q_weight, k_weight, hq, half, q.stride(0), q.stride(1), k.stride(0),
                 k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
@@ -174,7 +169,7 @@ def silu_mul_triton(gate_up):
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(max(n, 1)))
     if x.shape[0] and n:
-        with _launch(x):
+        with on_device(x.device):
             _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, n, x.stride(0), out.stride(0), BLOCK=block,
                                                                   num_warps=4)
     return out.view(*gate_up.shape[:-1], n)

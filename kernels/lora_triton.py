@@ -43,14 +43,13 @@ adapter's weights.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting
+from ._dispatch import interpreting, on_device
 
 FUSED_DY_MAX_RANK = 32  # padded rank up to which dyB and dB share one pass over dy
 POISON = False  # tests: fill every output buffer with NaN before the kernels write it
@@ -437,13 +436,9 @@ def dropout_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.devi
     out = torch.empty(shape, dtype=torch.int8, device=device)
     n = out.numel() // max(k, 1)
     if out.numel():
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with on_device(device):
             _mask_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 32))](out, n, k, seed, p, BLOCK_N=32, BLOCK_K=32)
     return out.bool()
-
-
-def _device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _shrink(x, a, xa, *, ids=None, scales=None, seed=0, p=0.0) -> None:
@@ -548,7 +543,7 @@ def lora_fwd(x, weight, a, b, bias, scale: float, p: float, seed: int) -> tuple[
     y = _empty((n, weight.shape[0]), x.dtype, x.device)
     if n == 0:
         return y, xa
-    with _device(x):
+    with on_device(x.device):
         _shrink(x, a, xa, seed=seed, p=p)
 
         def run(choice):
@@ -575,7 +570,7 @@ def lora_bwd(dy, x, weight, a, b, xa, scale: float, p: float, seed: int, needs: 
                                                                        (b, need_b))]
         return (*zeros, torch.zeros(m, dtype=dy.dtype, device=dev) if need_bias else None)
     f32 = dict(dtype=torch.float32, device=dev)
-    with _device(dy):
+    with on_device(dy.device):
         if r_pad <= FUSED_DY_MAX_RANK:
             blk = _blocks("dy", r_pad)
             grid_n = triton.cdiv(n, blk["n"])
@@ -667,7 +662,7 @@ def lora_multi_fwd(x, weight, a, b, scales, ids, bias) -> torch.Tensor:
         return y
     xa = _empty((n, r_pad), torch.float32, x.device)
     ids = ids.contiguous()
-    with _device(x):
+    with on_device(x.device):
         _shrink(x, a, xa, ids=ids, scales=scales)
         _expand(xa, b, y, bias, 1.0, ids=ids)
     y.addmm_(x, weight.t())

@@ -1,10 +1,10 @@
 """Triton kernels of varlen attention (the ``impl="triton"`` backend of
 ``kernels.varlen_attention``; see that module for the algorithm and the contract)."""
-import contextlib
 import types
 
 import torch
 
+from ._dispatch import on_device
 
 try:
     import triton
@@ -509,7 +509,7 @@ def varlen_attention_fwd(
     num_seqs = cu_seqlens_q.numel() - 1
     cfg = _config("fwd", d, q.dtype)
     grid = ((num_seqs + 1) * hq, _grid_blocks("varlen_attention", max_seqlen_q, cfg["BLOCK_M"]))
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with on_device(q.device):
         _varlen_attn_fwd_kernel[grid](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, softcap or 0.0, window or 0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -542,7 +542,7 @@ def varlen_attention_bwd(
     block_d = _block_d(d)
     common = dict(IS_CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
     delta = torch.empty(hq, total_q, dtype=torch.float32, device=q.device)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with on_device(q.device):
         block_t = 16 if triton_interpreted() else 64
         _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
