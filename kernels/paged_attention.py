@@ -23,12 +23,11 @@ from the cache plus the new ones as ``k``/``v`` with ``cu_seqlens_k`` longer tha
 ``cu_seqlens_q`` (bottom-right causal alignment). Then decode step by step: append the
 new token's k/v, then ``paged_attention``.
 """
-import contextlib
 import functools
 
 import torch
 
-from ._dispatch import resolve_impl
+from ._dispatch import on_device, resolve_impl
 from .varlen_attention_triton import _LOG2E, _block_d, _tanh, check_triton_device, tl, triton, triton_interpreted
 
 _BACKENDS = ("triton", "torch")
@@ -174,19 +173,21 @@ def _decode_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-_MIN_KEYS, _MIN_KEYS_INTERPRETED = 256, 32  # the shortest chunk worth a partial write
+def _min_keys(device: torch.device) -> int:
+    """The shortest chunk worth a partial write: 256 keys (under the interpreter: 32)."""
+    return 256 if device.type == "cuda" else 32
 
 
 def _default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Enough (sequence, head, chunk) programs for about two waves of the GPU, but no more
-    chunks than the longest context has of ``_MIN_KEYS`` keys (under the interpreter: 32).
-    The kernel cuts each sequence into at most this many chunks of at least that size."""
+    chunks than the longest context has of ``_min_keys`` keys. The kernel cuts each
+    sequence into at most this many chunks of at least that size."""
     if device.type != "cuda":  # the interpreter
-        target, min_keys = 8, _MIN_KEYS_INTERPRETED
+        target = 8
     else:
-        target, min_keys = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()), _MIN_KEYS
+        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     wanted = triton.cdiv(target, max(1, batch * num_kv_heads))
-    return max(1, min(wanted, triton.cdiv(max_context, min_keys), 64))
+    return max(1, min(wanted, triton.cdiv(max_context, _min_keys(device)), 64))
 
 
 def paged_attention_fwd(
@@ -209,7 +210,7 @@ def paged_attention_fwd(
     min_keys = 1  # an explicit num_splits is taken as it is
     if num_splits is None:
         num_splits = _default_num_splits(batch, hkv, max_context, q.device)
-        min_keys = _MIN_KEYS if q.is_cuda else _MIN_KEYS_INTERPRETED
+        min_keys = _min_keys(q.device)
     single = num_splits == 1
     part_acc = part_m = part_l = out  # unused placeholders when there is one chunk
     if not single:
@@ -217,7 +218,7 @@ def paged_attention_fwd(
         part_m = torch.empty(batch, hq, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty(batch, hq, num_splits, dtype=torch.float32, device=q.device)
     block_d = _block_d(d)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with on_device(q.device):
         _paged_attn_fwd_kernel[(batch * hkv, num_splits)](
             q, k_cache, v_cache, block_table, seq_lens, out, part_acc, part_m, part_l,
             softmax_scale, softcap or 0.0, window or 0,
@@ -241,7 +242,7 @@ def append_kv_triton(k_cache, v_cache, k, v, slot_mapping) -> None:
     t, hkv, d = k.shape
     if t == 0:
         return
-    with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
+    with on_device(k.device):
         _append_kv_kernel[(t,)](
             k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),

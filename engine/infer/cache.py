@@ -35,6 +35,7 @@ def blocks_for_memory(free_bytes: int, block_size: int, num_layers: int, num_kv_
 
 
 _TYPECODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}
+_ZEROS = (0,) * 16  # alignment padding
 
 
 def host_to_device(device, dtype: torch.dtype, *lists: list) -> list[torch.Tensor]:
@@ -55,9 +56,6 @@ def host_to_device(device, dtype: torch.dtype, *lists: list) -> list[torch.Tenso
         host = torch.empty(host.shape, dtype=dtype, pin_memory=True).copy_(host)
     out = host.to(device, non_blocking=True)
     return [out[o:o + len(values)] for o, values in zip(offsets, lists)]
-
-
-_ZEROS = (0,) * 16
 
 
 class BlockAllocator:

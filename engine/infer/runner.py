@@ -213,9 +213,6 @@ class LocalExecutor:
         self.blocks: BlockSpace = runner.cache
         self.config = runner.model.config
 
-    def step(self, spec: StepSpec) -> StepResult:
-        return self.runner.step(spec)
-
     def launch(self, spec: StepSpec):
         return self.runner.launch(spec)
 
