@@ -88,12 +88,16 @@ def test_a_step_is_launched_without_waiting_for_the_device(checkpoint, graphs):
     out = runner.collect(handle)
     waited = time.perf_counter() - start
     assert not busy and launched < 0.25 * waited, f"launch took {launched:.3f} s of {waited:.3f} s: it waited"
-    with torch.no_grad():
-        ids = torch.tensor(tokens, device="cuda")
-        cu = torch.tensor([0, len(tokens)], dtype=torch.int32, device="cuda")
-        hidden = model(ids, torch.arange(len(tokens), device="cuda"), cu, len(tokens))
-    ref = model.compute_logits(hidden[-1:]).argmax(-1).item()
-    assert out.draws[0][0] == ref
+    assert out.draws[0][0] == _greedy_next(model, tokens)
+
+
+@torch.no_grad()
+def _greedy_next(model, tokens: list[int]) -> int:
+    """The argmax next token of the model's own forward (eager ops, varlen attention)."""
+    n = len(tokens)
+    hidden = model(torch.tensor(tokens, device="cuda"), torch.arange(n, device="cuda"),
+                   torch.tensor([0, n], dtype=torch.int32, device="cuda"), n)
+    return model.compute_logits(hidden[-1:]).argmax(-1).item()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -108,10 +112,6 @@ def test_engine_greedy_equals_the_model_forward(checkpoint, family):
         ours = [f.result(timeout=300).sequences[0].tokens for f in futs]
     for prompt, got in zip(prompts, ours):
         seq = list(prompt)
-        with torch.no_grad():
-            for _ in range(12):
-                n = len(seq)
-                hidden = model(torch.tensor(seq, device="cuda"), torch.arange(n, device="cuda"),
-                               torch.tensor([0, n], dtype=torch.int32, device="cuda"), n)
-                seq.append(model.compute_logits(hidden[-1:]).argmax(-1).item())
+        for _ in range(12):
+            seq.append(_greedy_next(model, seq))
         assert got == seq[len(prompt):]
