@@ -122,13 +122,13 @@ def test_serve_tp_under_torchrun(checkpoint, tmp_path):
     import sys
     from pathlib import Path
 
-    from engine.parallel.workers import _free_port
+    from engine.parallel.workers import free_port
 
     folder = checkpoint("mistral")
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "result.pt"
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(root / "tests" / "torchrun_infer_script.py"), str(folder), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -101,5 +101,5 @@ def test_registry_custom_model_type(checkpoint, tmp_path):
         assert "my_llama" in supported_model_types()
         assert load_model(tmp_path).config.model_type == "my_llama"
     finally:
-        from engine.models import _REGISTRY
-        _REGISTRY.pop("my_llama")
+        from engine.models import unregister
+        unregister("my_llama")

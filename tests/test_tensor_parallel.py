@@ -151,9 +151,9 @@ def test_same_code_under_torchrun(checkpoint, tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "result.pt"
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    from engine.parallel.workers import _free_port
+    from engine.parallel.workers import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(root / "tests" / "torchrun_tp_script.py"), str(folder), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import torch
 
 from engine.models import Transformer, load_config, load_model
-from engine.models.lora import _adapter_tensors, read_peft_adapter
+from engine.models.lora import adapter_tensors, read_peft_adapter
 from engine.parallel import WorkerPool, check_tp
 
 from .runner import LocalExecutor, SPMDExecutor, StepRunner, StepSpec, TPExecutor, follow
@@ -389,7 +389,7 @@ class InferenceModel:
     def _load_adapter(self, path: str) -> bool:
         # Validate first (names and shapes against the unsharded model): an error leaves the
         # pool as it was, and under tensor parallelism never reaches the ranks.
-        _adapter_tensors(self._shape_model(), *read_peft_adapter(path))
+        adapter_tensors(self._shape_model(), *read_peft_adapter(path))
         slots = list(self._adapters)
         if len(slots) >= self.max_adapters:
             used = {r.adapter for r in self._active.values()}

@@ -26,6 +26,11 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def unregister(model_type: str) -> None:
+    """Forget a ``model_type`` that ``register`` added."""
+    _REGISTRY.pop(model_type, None)
+
+
 register("llama", LlamaConfig.from_hf)
 register("qwen2", Qwen2Config.from_hf)
 register("qwen3", Qwen3Config.from_hf)

@@ -355,7 +355,7 @@ def read_peft_adapter(source, config: dict | None = None) -> tuple[dict[str, tor
     return state, lora
 
 
-def _adapter_tensors(model, state, lora: LoRAConfig):
+def adapter_tensors(model, state, lora: LoRAConfig):
     """Per projection (layer, name) -> (A [n_blocks * r, in], B [out, r]) with zero blocks
     for sub-projections the adapter does not target; checks names and shapes."""
     seen, out = set(), {}
@@ -409,7 +409,7 @@ def load_peft_lora(model, source, config: dict | None = None) -> LoRAConfig:
     elif (model.lora_config.rank, model.lora_config.target_modules) != (lora.rank, lora.target_modules):
         raise ValueError(f"PEFT adapter has r={lora.rank}, target_modules={list(lora.target_modules)}; the model's "
                          f"adapter has r={model.lora_config.rank}, target_modules={list(model.lora_config.target_modules)}")
-    for (i, name), (a, b) in _adapter_tensors(model, state, lora).items():
+    for (i, name), (a, b) in adapter_tensors(model, state, lora).items():
         layer = getattr(*_parent(model, i, name))
         layer.lora_a.copy_(a)
         layer.lora_b.copy_(b)
@@ -431,7 +431,7 @@ def set_adapter_stack(model, adapters) -> int:
     parsed = [read_peft_adapter(*(a if isinstance(a, tuple) else (a,))) for a in adapters]
     if not parsed:
         raise ValueError("adapters must hold at least one PEFT adapter")
-    per_adapter = [_adapter_tensors(model, state, lora) for state, lora in parsed]
+    per_adapter = [adapter_tensors(model, state, lora) for state, lora in parsed]
     w_dtype = model.embed.weight.dtype
     for i, name, parent, attr, blocks in projections(model):
         layer = getattr(parent, attr)

@@ -62,7 +62,7 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> RankContext:
     return RankContext(rank, world, dist.group.WORLD, device)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -105,7 +105,7 @@ class WorkerPool:
             raise ValueError(f"tp={tp} needs {tp} GPUs, this machine has {torch.cuda.device_count()}")
         self.tp, self.timeout_s = tp, timeout_s
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self._conns, self._procs = [], []
         for rank in range(tp):
             parent, child = ctx.Pipe()
