@@ -57,16 +57,16 @@ def datum(seq: list[int], answer_start: int):
     return engine.Datum(engine.ModelInput.from_ints(seq[:-1]), {"target_tokens": seq[1:], "weights": weights})
 
 
-def accuracy(trainer, held_out: list) -> float:
-    """Share of answer tokens that the model predicts with probability above 1/2 (teacher
-    forcing); such a token is necessarily the greedy (argmax) choice."""
+def accuracy(trainer, held_out: list) -> tuple[int, int]:
+    """(answer tokens that the model predicts with probability above 1/2 under teacher
+    forcing, answer tokens); such a token is necessarily the greedy (argmax) choice."""
     out = trainer.forward(held_out, "cross_entropy").result()
     hit = total = 0
     for d, o in zip(held_out, out.loss_fn_outputs):
         w = torch.as_tensor(d.loss_fn_inputs["weights"]) > 0
         hit += int((o["logprobs"][w].exp() > 0.5).sum())
         total += int(w.sum())
-    return hit / max(total, 1)
+    return hit, total
 
 
 def sample_answers(trainer, prompts: list[list[int]]) -> list[list[int]]:
@@ -113,7 +113,8 @@ def run(device: str | None = None, steps: int = 300, out: str | None = None, see
         info = trainer.get_info()
         print(f"      LoRA r=16 on every linear layer: {info['trainable_parameters']:,} trainable of "
               f"{info['parameters']:,} parameters, {info['dtype']} on {info['device']}")
-        before = accuracy(trainer, held_out)
+        hits, total = accuracy(trainer, held_out)
+        before = hits / total
         print(f"[2/5] task: reverse 3-5 digits; held-out answer-token accuracy (p > 1/2) before training: {before:.1%}")
         print(f"[3/5] training {steps} steps of {batch_size} strings (cross_entropy on answer tokens, AdamW lr 3e-3)")
         adam = engine.AdamParams(learning_rate=3e-3, weight_decay=0.0, grad_clip_norm=1.0)
@@ -128,9 +129,10 @@ def run(device: str | None = None, steps: int = 300, out: str | None = None, see
             print(_bar(step, steps, loss), end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
         elapsed = time.perf_counter() - start
-        after = accuracy(trainer, held_out)
+        hits, total = accuracy(trainer, held_out)
+        after = hits / total
         print(f"      {elapsed:.1f} s ({elapsed / steps * 1e3:.0f} ms per step), final loss/token {loss:.3f}")
-        print(f"[4/5] held-out answer-token accuracy: {before:.1%} -> {after:.1%}")
+        print(f"[4/5] held-out answer-token accuracy: {before:.1%} -> {after:.1%} (of {total} tokens)")
         questions = [example(rng, rng.randint(3, 5))[0] for _ in range(100)]
         prompts = [q[:q.index(SEP) + 1] for q in questions]
         start = time.perf_counter()
@@ -146,5 +148,5 @@ def run(device: str | None = None, steps: int = 300, out: str | None = None, see
         files = sorted(p.name for p in Path(path).iterdir())
         print(f"      PEFT adapter saved to {path} ({', '.join(files)})")
         trainer.close()
-    return {"accuracy_before": before, "accuracy_after": after, "exact_sampled": exact, "seconds": elapsed,
-            "final_loss": loss}
+    return {"accuracy_before": before, "accuracy_after": after, "held_out_tokens": total, "exact_sampled": exact,
+            "seconds": elapsed, "final_loss": loss}

@@ -1,5 +1,6 @@
 """The command line and the benchmark scripts (CPU smoke runs)."""
 import json
+import math
 import subprocess
 import sys
 
@@ -25,14 +26,17 @@ def test_inspect_missing_folder(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_demo(capsys, tmp_path):
-    assert main(["demo", "--steps", "120", "--out", str(tmp_path / "adapter")]) == 0
-    out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if "accuracy:" in l)
-    before, after = (float(x.strip(" %")) for x in line.split(":")[1].split("->"))
-    assert after > before + 40, line
-    exact = next(l for l in out.splitlines() if "exact reversals:" in l)  # sampled through the sampling client
-    assert float(exact.split(":")[1].strip(" %")) >= 30, exact
+def test_demo_learns(capsys, tmp_path):
+    """The demo (a short run of it) learns: held-out answer-token accuracy rises over the fixed
+    seed's start by far more than sampling noise (a two-proportion z-score above 5, p < 3e-7).
+    Sampling through a client that shares the trained weights is test_train_api's subject."""
+    assert main(["demo", "--steps", "30", "--out", str(tmp_path / "adapter")]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "accuracy:" in l)  # "4.5% -> 40.1% (of 986 tokens)"
+    before, after = (float(x.strip(" %")) / 100 for x in line.split(":")[1].split("(")[0].split("->"))
+    n = int(line.split("(of ")[1].split()[0])
+    pooled = (before + after) / 2
+    z = (after - before) / math.sqrt(2 * pooled * (1 - pooled) / n)
+    assert z > 5, line
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
