@@ -22,8 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
-from engine.models import Transformer, load_config, load_model
-from engine.models.lora import adapter_tensors, read_peft_adapter
+from engine.models import Transformer, adapter_tensors, load_config, load_model, read_peft_adapter
 from engine.parallel import WorkerPool, check_tp
 
 from .runner import LocalExecutor, SPMDExecutor, StepRunner, StepSpec, TPExecutor, follow

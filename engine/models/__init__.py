@@ -8,9 +8,10 @@ import torch
 
 from .checkpoint import CheckpointError, load_weights, read_config, weight_map
 from .config import ConfigError, LlamaConfig, MistralConfig, ModelConfig, Qwen2Config, Qwen3Config
-from .lora import (LoRAConfig, LoRALinear, add_lora, load_peft_lora, lora_state_dict_to_peft, peft_config,
-                   save_peft_lora, set_adapter_stack)
+from .lora import LoRAConfig, LoRALinear, add_lora
 from .packing import PackedBatch
+from .peft import (adapter_tensors, load_peft_lora, lora_state_dict_to_peft, peft_config, read_peft_adapter,
+                   save_peft_lora, set_adapter_stack)
 from .transformer import Transformer
 
 _REGISTRY: dict[str, Callable[[dict], ModelConfig]] = {}
@@ -78,7 +79,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device=Non
 
 __all__ = [
     "CheckpointError", "ConfigError", "LlamaConfig", "LoRAConfig", "LoRALinear", "MistralConfig", "ModelConfig",
-    "PackedBatch", "Qwen2Config", "Qwen3Config", "Transformer", "add_lora", "build_model", "load_config",
-    "load_model", "load_peft_lora", "lora_state_dict_to_peft", "parse_config", "peft_config", "register",
-    "save_peft_lora", "set_adapter_stack", "supported_model_types", "weight_map",
+    "PackedBatch", "Qwen2Config", "Qwen3Config", "Transformer", "adapter_tensors", "add_lora", "build_model",
+    "load_config", "load_model", "load_peft_lora", "lora_state_dict_to_peft", "parse_config", "peft_config",
+    "read_peft_adapter", "register", "save_peft_lora", "set_adapter_stack", "supported_model_types", "weight_map",
 ]

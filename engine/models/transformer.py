@@ -128,7 +128,7 @@ class Transformer(nn.Module):
         # Checking token ids and cu_seqlens costs one host sync per forward; callers that
         # built the batch on the host (PackedBatch does the same checks) may switch it off.
         self.validate_inputs = True
-        self.num_adapters = 0  # adapters packed by engine.models.lora.set_adapter_stack
+        self.num_adapters = 0  # adapters packed by engine.models.set_adapter_stack
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -145,7 +145,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """input_ids, position_ids [T] int64; cu_seqlens [B+1] int32; max_seqlen host int;
         adapter_ids: optional [T] int32, the LoRA adapter of each token among those packed by
-        ``engine.models.lora.set_adapter_stack`` (-1: base model; inference only).
+        ``engine.models.set_adapter_stack`` (-1: base model; inference only).
         Returns hidden states [T, hidden_size] after the final norm, in the model's dtype."""
         check_packed_inputs(input_ids, position_ids, cu_seqlens, max_seqlen, self.config.vocab_size,
                             self.embed.weight.device, check_values=self.validate_inputs)

@@ -3,22 +3,20 @@
 A rank of a group of ``tp`` holds:
   * column-parallel ``attn.qkv`` and ``mlp.gate_up``: its rows of q, k, v (whole heads) and
     of gate, up, each block in the same order as the unsharded fused parameter, so the model
-    code splits them exactly as it does at tp=1. Their input is replicated; its gradient is
-    summed over the ranks (``copy_to_group``).
-  * row-parallel ``attn.o`` and ``mlp.down``: its columns; the partial outputs are summed
-    over the ranks (``sum_over_group``) and the bias, replicated, is added once after.
-  * a vocabulary-parallel embedding (its contiguous slice of token ids; other ids give zeros
-    and the slices are summed) and LM head (its slice of rows), which feeds
-    ``kernels.linear_logprobs(..., process_group=model.tp_group)``: no rank ever holds
-    full-vocabulary logits.
+    code splits them exactly as it does at tp=1.
+  * row-parallel ``attn.o`` and ``mlp.down``: its columns (the bias whole).
+  * a vocabulary-parallel embedding (its contiguous slice of token ids) and LM head (its
+    slice of rows), which feeds ``kernels.linear_logprobs(..., process_group=model.tp_group)``:
+    no rank ever holds full-vocabulary logits.
   * everything else replicated. Replicated parameters whose gradient comes from rank-local
     work only (Qwen3's q/k norms act on the local heads) get their gradient summed over the
     ranks by a hook, so every replica takes the same optimizer step.
 
-The model code (``transformer.py``) does not branch on tp: local head counts come from the
-shapes. The sharded projections become ``LoRALinear`` (engine/models/lora.py) sharing the
-same parameters, marked with ``tp_mode`` and ``tp_group``: that class runs the collectives,
-with or without an adapter, and parameter names are those of the unsharded model.
+``build_tp_model`` builds the model at its local sizes, then ``modules.parallelize`` puts
+the parallel modules, which run the collectives (with or without a LoRA adapter), in place
+of the embedding and the projections and sets ``model.tp_group``. The model code
+(``engine/models``) does not branch on tp: local head counts come from the shapes.
+Parameter names are those of the unsharded model.
 
 Constraints: tp must divide the query heads, the key/value heads and the FFN size. Fewer
 key/value heads than ranks (replicating KV heads) is not supported and is rejected; the
@@ -32,19 +30,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.collectives import sum_over_group, summed_grad
+from kernels.collectives import summed_grad
 
 from ..models import build_model, load_config
 from ..models.checkpoint import WeightEntry, load_weights, weight_map
-from ..models.lora import LoRALinear, projections
 from ..models.config import ConfigError, ModelConfig
 from ..models.transformer import Transformer
+from .modules import COLUMN, ROW, gather, parallelize
 
-COLUMN = ("attn.qkv", "mlp.gate_up")
-ROW = ("attn.o", "mlp.down")
 PARTIAL_GRAD = ("attn.q_norm.weight", "attn.k_norm.weight")
 
 
@@ -91,13 +86,6 @@ def shard_entries(config: ModelConfig, tp: int, rank: int) -> list[WeightEntry]:
     return out
 
 
-def _embedding_forward(module, group, start, ids):
-    local = ids - start
-    outside = (local < 0) | (local >= module.num_embeddings)
-    out = F.embedding(local.masked_fill(outside, 0), module.weight)
-    return sum_over_group(out.masked_fill(outside[:, None], 0), group)
-
-
 def build_tp_model(config: ModelConfig, group, *, dtype=torch.float32, device=None) -> Transformer:
     """An uninitialised model holding this rank's shard (``group=None``: the plain model)."""
     if group is None:
@@ -113,12 +101,7 @@ def build_tp_model(config: ModelConfig, group, *, dtype=torch.float32, device=No
     model.config = config  # the global config: vocab checks, attention scale and RoPE are unchanged
     model = model.to(dtype).to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
     model.reset_buffers()
-    model.tp_group, model.vocab_start = group, v_start
-    model.embed.forward = partial(_embedding_forward, model.embed, group, v_start)
-    for _, name, parent, attr, blocks in projections(model):
-        layer = LoRALinear.wrap(getattr(parent, attr), blocks)
-        layer.tp_mode, layer.tp_group = ("column" if name in ("qkv", "gate_up") else "row"), group
-        setattr(parent, attr, layer)
+    parallelize(model, group, v_start)
     sharded = {e.param for e in shard_entries(config, tp, rank) if e.shard is not None}
     for name, param in model.named_parameters():
         if name.split(".", 2)[-1] in PARTIAL_GRAD:
@@ -158,19 +141,9 @@ def full_state(model: Transformer, *, grads: bool = False) -> dict[str, torch.Te
             dim = e.shard[0]
             sizes = [vocab_slice(e.shard[3], tp, r)[1] for r in range(tp)] if e.param in ("embed.weight", "lm_head.weight") \
                 else [e.shard[2]] * tp
-            t = _gather_uneven(t, dim, sizes, group)
+            t = gather(t, dim, group, sizes)
         out[e.hf_name] = t.detach().clone()
     return out
-
-
-def _gather_uneven(t: torch.Tensor, dim: int, sizes: list[int], group) -> torch.Tensor:
-    """Concatenate every rank's ``t`` along ``dim`` (a 2-D tensor; rank r's has ``sizes[r]``
-    there): all_gather needs equal shapes, so each is padded to the largest first."""
-    pad = max(sizes) - t.shape[dim]
-    padded = F.pad(t, (0, 0, 0, pad) if dim == 0 else (0, pad)) if pad else t.contiguous()
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
 
 
 def gather_vocab(model: Transformer, logits: torch.Tensor) -> torch.Tensor:
@@ -180,7 +153,7 @@ def gather_vocab(model: Transformer, logits: torch.Tensor) -> torch.Tensor:
     if group is None:
         return logits
     tp = dist.get_world_size(group)
-    return _gather_uneven(logits, 1, [vocab_slice(model.config.vocab_size, tp, r)[1] for r in range(tp)], group)
+    return gather(logits, 1, group, [vocab_slice(model.config.vocab_size, tp, r)[1] for r in range(tp)])
 
 
 def shard_tensor(config: ModelConfig, group, name: str, full: torch.Tensor) -> torch.Tensor:
