@@ -1,8 +1,37 @@
-"""Autograd-aware collectives of tensor parallelism (Megatron's f and g operators)."""
+"""Autograd-aware collectives of tensor parallelism (Megatron's f and g operators), and
+``GroupRef``, the weak handle through which long-lived objects hold a process group."""
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.distributed as dist
+
+
+class GroupRef:
+    """A torch.distributed process group, held weakly: ``ref()`` returns it, or raises once
+    it was destroyed. (``GroupRef(None)()`` is None: no group.)
+
+    torch.distributed owns its groups. Modules, hooks, autograd nodes and trainers that keep
+    a group hold it through this, so that ``destroy_process_group()`` really frees the group,
+    which joins gloo's worker threads. A gloo thread still alive when the interpreter shuts
+    down can release the last reference to a Python object there (a finished all-reduce's
+    tensor or thread-local state), and aborts the process ("terminate called without an
+    active exception")."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, group):
+        self._ref = None if group is None else weakref.ref(group)
+
+    def __call__(self):
+        if self._ref is None:
+            return None
+        group = self._ref()
+        if group is None:
+            raise RuntimeError("the process group of this tensor-parallel object was destroyed "
+                               "(torch.distributed.destroy_process_group or engine.parallel.shutdown)")
+        return group
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -20,13 +49,13 @@ class _SumOverGroup(torch.autograd.Function):
 class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, group):
-        ctx.group = group
+        ctx.group = GroupRef(group)  # an autograd graph kept alive must not keep the group alive
         return t
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
+        dist.all_reduce(grad, group=ctx.group())
         return grad, None
 
 
@@ -42,9 +71,9 @@ def copy_to_group(t: torch.Tensor, group) -> torch.Tensor:
     return _CopyToGroup.apply(t, group)
 
 
-def summed_grad(group, grad: torch.Tensor) -> torch.Tensor:
-    """A gradient hook (``param.register_hook(partial(summed_grad, group))``) for a
+def summed_grad(group: GroupRef, grad: torch.Tensor) -> torch.Tensor:
+    """A gradient hook (``param.register_hook(partial(summed_grad, GroupRef(group)))``) for a
     replicated parameter whose gradient each rank sees only in part."""
     grad = grad.clone()
-    dist.all_reduce(grad, group=group)
+    dist.all_reduce(grad, group=group())
     return grad

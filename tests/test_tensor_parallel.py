@@ -3,6 +3,7 @@ and the worker pool's failure handling."""
 import multiprocessing
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch.distributed as dist
 
 from engine.models import PackedBatch, load_config, load_model
 from engine.models.config import ConfigError
-from engine.parallel import WorkerError, WorkerPool, check_tp, full_state, load_tp_model, shard_entries
+from engine.parallel import (WorkerError, WorkerPool, check_tp, full_state, load_tp_model, shard_entries, shutdown,
+                             tp_group)
 from kernels import linear_cross_entropy, linear_logprobs
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -27,8 +29,26 @@ def _batch(vocab, seed=0):
     return batch, targets
 
 
+def gloo_threads() -> int:
+    """gloo's worker threads alive in this process (Linux: /proc names them)."""
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            count += f.read().startswith(("pt_gloo", "gloo"))
+    return count
+
+
+def end_torchrun_script() -> None:
+    """The end of a script that torchrun launched: ``shutdown()``, which must leave no group
+    referenced (a warning fails the run) and no gloo thread to outlive the interpreter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shutdown()
+    assert gloo_threads() == 0, f"{gloo_threads()} gloo threads outlive shutdown()"
+
+
 def _loss(model, batch, targets):
-    group = getattr(model, "tp_group", None)
+    group = tp_group(model)
     hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
     lp, lse = linear_logprobs(hidden, model.lm_head_weight, targets, return_lse=True, process_group=group)
     loss = linear_cross_entropy(hidden, model.lm_head_weight, targets, reduction="sum", z_loss=1e-3,

@@ -8,6 +8,7 @@ import torch
 from engine.infer import SamplingParams, serve_tp
 from engine.parallel import init_distributed, load_tp_model
 from tests.test_infer_tp import PROMPTS
+from tests.test_tensor_parallel import end_torchrun_script
 
 folder, out = sys.argv[1], sys.argv[2]
 ctx = init_distributed(timeout_s=60)
@@ -21,4 +22,4 @@ if ctx.rank == 0:
     torch.save(result, out)
 else:
     assert engine is None
-torch.distributed.destroy_process_group()
+end_torchrun_script()  # shutdown(): frees the group, joins gloo's threads before the interpreter exits

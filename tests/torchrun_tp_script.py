@@ -5,7 +5,7 @@ import sys
 import torch
 
 from engine.parallel import init_distributed, load_tp_model
-from tests.test_tensor_parallel import _batch, _loss
+from tests.test_tensor_parallel import _batch, _loss, end_torchrun_script
 
 folder, out = sys.argv[1], sys.argv[2]
 ctx = init_distributed(timeout_s=60)
@@ -15,4 +15,4 @@ loss = _loss(model, batch, targets)[3]
 loss.backward()
 if ctx.rank == 0:
     torch.save({"loss": loss.detach(), "world": ctx.world_size}, out)
-torch.distributed.destroy_process_group()
+end_torchrun_script()  # shutdown(): frees the group, joins gloo's threads before the interpreter exits

@@ -5,11 +5,13 @@ model from outside (``engine.models`` knows nothing of it).
 ``tensor_parallel.py`` for what is split how). The parallel modules that run the
 collectives live in ``modules.py``: ``ColumnParallelLinear`` / ``RowParallelLinear``
 (``LoRALinear`` subclasses, so adapters train, export and serve on the shards) and
-``VocabParallelEmbedding``; ``parallelize`` puts them in place of a model's own and sets
-``model.tp_group``, which the LM head's ``kernels.linear_logprobs(..., process_group=)``
-and engine/infer and engine/train read. ``WorkerPool`` runs one process per rank from the
-caller's process, and ``init_distributed()`` is the entry for ranks that ``torchrun``
-launched. With ``group=None`` (tp=1) nothing of this is installed: the model is exactly
+``VocabParallelEmbedding``; ``parallelize`` puts them in place of a model's own and
+records the group, which ``tp_group(model)`` returns to the LM head's
+``kernels.linear_logprobs(..., process_group=)`` and to engine/infer and engine/train.
+``WorkerPool`` runs one process per rank from the caller's process; ``init_distributed()``
+is the entry for ranks that ``torchrun`` launched, and ``shutdown()`` their exit. Nothing
+of the engine keeps a process group alive (``kernels.collectives.GroupRef``): torch owns
+them, so ``shutdown()`` frees them and joins gloo's threads before the interpreter exits. With ``group=None`` (tp=1) nothing of this is installed: the model is exactly
 ``engine.models.load_model``'s.
 
 Composing with data parallelism (several machines): build a 2-D device mesh
@@ -28,13 +30,13 @@ per token, for hidden size H and activations of b bytes:
 For Llama-3-8B (H = 4096, bf16, 32 layers) at tp = 2 that is 1 MiB per token per step for
 tp, against 2·(dp-1)/dp × 8 GB per step for full-weight dp (tens of MB for a LoRA adapter).
 """
-from .modules import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, parallelize
+from .modules import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, parallelize, tp_group
 from .tensor_parallel import (build_tp_model, check_tp, full_state, gather_vocab, load_tp_model, shard_entries,
                               shard_tensor, vocab_slice)
-from .workers import RankContext, WorkerError, WorkerPool, init_distributed
+from .workers import RankContext, WorkerError, WorkerPool, init_distributed, shutdown
 
 __all__ = [
     "ColumnParallelLinear", "RankContext", "RowParallelLinear", "VocabParallelEmbedding", "WorkerError", "WorkerPool",
     "build_tp_model", "check_tp", "full_state", "gather_vocab", "init_distributed", "load_tp_model", "parallelize",
-    "shard_entries", "shard_tensor", "vocab_slice",
+    "shard_entries", "shard_tensor", "shutdown", "tp_group", "vocab_slice",
 ]

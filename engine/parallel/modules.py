@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.collectives import copy_to_group, sum_over_group, summed_grad
+from kernels.collectives import GroupRef, copy_to_group, sum_over_group, summed_grad
 
 from ..models.lora import PROJECTIONS, LoRALinear, projections
 
@@ -56,12 +56,16 @@ class ParallelLinear(LoRALinear):
     def shard_of(cls, linear: nn.Linear, blocks: tuple[int, ...], group) -> "ParallelLinear":
         """The ``cls`` sharing ``linear``'s (already sharded) weight and bias."""
         new = cls.wrap(linear, blocks)
-        new.group, new.tp, new.tp_rank = group, dist.get_world_size(group), dist.get_rank(group)
+        new.group_ref, new.tp, new.tp_rank = GroupRef(group), dist.get_world_size(group), dist.get_rank(group)
         return new
+
+    @property
+    def group(self):
+        return self.group_ref()
 
     def add_adapter(self, *args, **kwargs) -> None:
         super().add_adapter(*args, **kwargs)
-        getattr(self, self.replicated_factor).register_hook(partial(summed_grad, self.group))
+        getattr(self, self.replicated_factor).register_hook(partial(summed_grad, self.group_ref))
         # Each rank holds a different slice: global-norm gradient clipping sums them.
         getattr(self, self.sharded_factor).tp_sharded = True
 
@@ -114,8 +118,12 @@ class VocabParallelEmbedding(nn.Embedding):
         n, dim = embedding.weight.shape
         new = cls(n, dim, _weight=torch.empty(n, dim, device="meta"))  # _weight: no random init
         new.weight = embedding.weight
-        new.group, new.vocab_start = group, vocab_start
+        new.group_ref, new.vocab_start = GroupRef(group), vocab_start
         return new
+
+    @property
+    def group(self):
+        return self.group_ref()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
@@ -124,11 +132,19 @@ class VocabParallelEmbedding(nn.Embedding):
         return sum_over_group(out.masked_fill(outside[:, None], 0), self.group)
 
 
+def tp_group(model):
+    """The process group ``parallelize`` split ``model`` over; None for a model it did not
+    split. The model holds it weakly (``kernels.collectives.GroupRef``): this raises once the
+    group was destroyed."""
+    ref = getattr(model, "tp_group_ref", None)
+    return None if ref is None else ref()
+
+
 def parallelize(model, group, vocab_start: int) -> None:
     """Put the parallel modules in place of ``model``'s embedding and projections, whose
     parameters already hold this rank's shard (the LM head, a plain slice of the vocabulary's
-    rows, needs no module: ``kernels.linear_logprobs`` takes ``model.tp_group``)."""
-    model.tp_group, model.vocab_start = group, vocab_start
+    rows, needs no module: ``kernels.linear_logprobs`` takes ``tp_group(model)``)."""
+    model.tp_group_ref, model.vocab_start = GroupRef(group), vocab_start
     model.embed = VocabParallelEmbedding.shard_of(model.embed, group, vocab_start)
     for _, name, parent, attr, blocks in projections(model):
         cls = ColumnParallelLinear if PROJECTIONS[name][0] in COLUMN else RowParallelLinear

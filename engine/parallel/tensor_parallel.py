@@ -6,7 +6,7 @@ A rank of a group of ``tp`` holds:
     code splits them exactly as it does at tp=1.
   * row-parallel ``attn.o`` and ``mlp.down``: its columns (the bias whole).
   * a vocabulary-parallel embedding (its contiguous slice of token ids) and LM head (its
-    slice of rows), which feeds ``kernels.linear_logprobs(..., process_group=model.tp_group)``:
+    slice of rows), which feeds ``kernels.linear_logprobs(..., process_group=tp_group(model))``:
     no rank ever holds full-vocabulary logits.
   * everything else replicated. Replicated parameters whose gradient comes from rank-local
     work only (Qwen3's q/k norms act on the local heads) get their gradient summed over the
@@ -14,7 +14,7 @@ A rank of a group of ``tp`` holds:
 
 ``build_tp_model`` builds the model at its local sizes, then ``modules.parallelize`` puts
 the parallel modules, which run the collectives (with or without a LoRA adapter), in place
-of the embedding and the projections and sets ``model.tp_group``. The model code
+of the embedding and the projections and records the group (``tp_group(model)``, held weakly). The model code
 (``engine/models``) does not branch on tp: local head counts come from the shapes.
 Parameter names are those of the unsharded model.
 
@@ -32,13 +32,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.collectives import summed_grad
+from kernels.collectives import GroupRef, summed_grad
 
 from ..models import build_model, load_config
 from ..models.checkpoint import WeightEntry, load_weights, weight_map
 from ..models.config import ConfigError, ModelConfig
 from ..models.transformer import Transformer
-from .modules import COLUMN, ROW, gather, parallelize
+from .modules import COLUMN, ROW, gather, parallelize, tp_group
 
 PARTIAL_GRAD = ("attn.q_norm.weight", "attn.k_norm.weight")
 
@@ -105,7 +105,7 @@ def build_tp_model(config: ModelConfig, group, *, dtype=torch.float32, device=No
     sharded = {e.param for e in shard_entries(config, tp, rank) if e.shard is not None}
     for name, param in model.named_parameters():
         if name.split(".", 2)[-1] in PARTIAL_GRAD:
-            param.register_hook(partial(summed_grad, group))
+            param.register_hook(partial(summed_grad, GroupRef(group)))
         # Each rank holds a different slice (global-norm gradient clipping sums these).
         param.tp_sharded = name in sharded
     return model
@@ -125,8 +125,8 @@ def load_tp_model(path: str | Path, group=None, *, dtype: torch.dtype | None = N
 @torch.no_grad()
 def full_state(model: Transformer, *, grads: bool = False) -> dict[str, torch.Tensor]:
     """Hugging Face name -> the unsharded tensor (or its gradient), gathered from every rank
-    of ``model.tp_group``; on one rank it is just the model's weights under HF names."""
-    group = getattr(model, "tp_group", None)
+    of ``tp_group(model)``; on one rank it is just the model's weights under HF names."""
+    group = tp_group(model)
     config = model.config
     tp, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
     params = dict(model.named_parameters())
@@ -148,8 +148,8 @@ def full_state(model: Transformer, *, grads: bool = False) -> dict[str, torch.Te
 
 def gather_vocab(model: Transformer, logits: torch.Tensor) -> torch.Tensor:
     """[rows, V_local] logits of this rank's vocabulary slice -> [rows, V] on every rank
-    (unchanged without ``model.tp_group``). For the few rows a sampler needs, not training."""
-    group = getattr(model, "tp_group", None)
+    (unchanged on a model without a group). For the few rows a sampler needs, not training."""
+    group = tp_group(model)
     if group is None:
         return logits
     tp = dist.get_world_size(group)

@@ -7,7 +7,7 @@ with a timeout) and runs ``state = setup(ctx, *args)``. ``pool.run(fn, *args)`` 
 ``setup`` must be picklable (module-level functions).
 
 The same setup code runs unchanged under ``torchrun``: call ``init_distributed()`` in each
-rank, then ``setup(ctx, ...)`` yourself.
+rank, then ``setup(ctx, ...)`` yourself, and ``shutdown()`` last.
 
 Failures: a worker that raises reports the exception with its rank and traceback; a worker
 that dies is noticed by polling its exit code. Either way ``run`` raises ``WorkerError``
@@ -18,15 +18,20 @@ orphans, and the rendezvous port is released.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import time
 import traceback
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from kernels.collectives import GroupRef
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -42,8 +47,12 @@ class WorkerError(RuntimeError):
 class RankContext:
     rank: int
     world_size: int
-    group: object  # the torch.distributed group of the tensor-parallel ranks
+    group_ref: GroupRef  # the torch.distributed group of the tensor-parallel ranks, held weakly
     device: torch.device
+
+    @property
+    def group(self):
+        return self.group_ref()
 
 
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> RankContext:
@@ -59,7 +68,32 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> RankContext:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    return RankContext(rank, world, dist.group.WORLD, device)
+    return RankContext(rank, world, GroupRef(dist.group.WORLD), device)
+
+
+def shutdown(*, barrier: bool = True) -> None:
+    """End this process's part in torch.distributed; call it last in a script that torchrun
+    launched (``serve_tp``'s serving ranks and WorkerPool's workers call it themselves).
+
+    Waits for every rank (``barrier=False`` when a peer may be gone), then destroys the
+    process groups. The engine holds groups weakly (``GroupRef``), so that frees them and
+    joins gloo's worker threads here. Left running into the interpreter's shutdown, such a
+    thread may release a Python object there and abort the process ("terminate called
+    without an active exception", exit -6). A group that something else still holds stays
+    alive: this warns, naming the holders' types."""
+    if not dist.is_initialized():
+        return
+    if barrier:
+        dist.barrier()
+    world = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    gc.collect()  # reference cycles (autograd graphs, tracebacks) that reach a group
+    if world() is not None:
+        holders = sorted({type(r).__name__ for r in gc.get_referrers(world())})
+        warnings.warn(f"engine.parallel.shutdown: the process group is still referenced (by {', '.join(holders)}), "
+                      "so gloo's threads outlive destroy_process_group and may abort the interpreter's exit; "
+                      "drop those references (keep ctx.group, not the group itself) before shutdown()",
+                      RuntimeWarning, stacklevel=2)
 
 
 def free_port() -> int:
@@ -73,8 +107,16 @@ def _worker(rank, world, port, timeout_s, conn, setup, args):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        ctx = init_distributed(timeout_s)
-        state = setup(ctx, *args)
+        _serve(conn, setup, args, timeout_s)
+    finally:
+        shutdown(barrier=False)  # a peer may be gone: no collective
+
+
+def _serve(conn, setup, args, timeout_s) -> None:
+    """Run setup, then the caller's calls until it closes the pipe; the rank's state (and
+    everything that reaches its process group) is dropped on return."""
+    try:
+        state = setup(init_distributed(timeout_s), *args)
         conn.send(("ok", None))
     except BaseException as e:  # noqa: BLE001 - reported to the caller, then exit
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -91,8 +133,6 @@ def _worker(rank, world, port, timeout_s, conn, setup, args):
             conn.send(("ok", fn(state, *fargs)))
         except BaseException as e:  # noqa: BLE001
             conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class WorkerPool:

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from engine.models import PackedBatch
+from engine.parallel import tp_group
 
 from . import checkpoint as state_io
 from . import losses
@@ -39,7 +40,6 @@ def enable_activation_checkpointing(model) -> None:
 class Trainer:
     def __init__(self, model, *, max_batch_size: int, scoring: bool = False, lora: bool = False):
         self.model = model
-        self.group = getattr(model, "tp_group", None)
         self.max_batch_size = max_batch_size
         self.lora = lora
         self.device = model.embed.weight.device
@@ -139,6 +139,11 @@ class Trainer:
                 "parameters": sum(p.numel() for p in self.model.parameters()), "lora": self.lora,
                 "scoring": self.value_head is not None,
                 "target_modules": list(self.model.lora_config.target_modules) if self.lora else None}
+
+    @property
+    def group(self):
+        """The tensor-parallel process group (None at tp=1); the model holds it weakly."""
+        return tp_group(self.model)
 
     # -- optimizer --------------------------------------------------------------------------
     def _clip(self, params, max_norm: float) -> torch.Tensor:
