@@ -1,8 +1,9 @@
-"""Inference: paged KV cache, continuous batching, sampling (see model.py)."""
+"""Inference: paged KV cache, continuous batching, sampling (core.py walks one request through)."""
 from .cache import BlockAllocator, KVCache
 from .cuda_graphs import DecodeGraphs, pad_decode_inputs
 from .forward import StepBatch, forward_with_cache
-from .model import InferenceModel, serve_tp
+from .model import InferenceModel
+from .runner import serve_tp
 from .sampling import sample_tokens
 from .types import Future, SampledSequence, SampleResponse, SamplingParams
 
