@@ -32,9 +32,9 @@
 
 The overlap (tp=1, ``LocalExecutor.overlaps``): the host plans step n+1 while the device
 runs step n. A sequence that step n samples gets a placeholder token (-1) at once, so it
-can be scheduled in step n+1; ``_pending`` maps it to (placeholder position, sample index
-in step n), and step n+1's ``StepSpec.feed`` makes that row read step n's draw on the
-device (``StepRunner.launch(spec, after=step n)``). Collecting step n writes the real
+can be scheduled in step n+1; ``_placeholders`` maps it to (placeholder position, sample
+index in step n), and step n+1's ``StepSpec.feed`` makes that row read step n's draw on
+the device (``StepRunner.launch(spec, after=step n)``). Collecting step n writes the real
 token over the placeholder. A sequence that step n ends (a stop token) has computed one
 token too many in step n+1, which is dropped. Steps that fork samples, and every step of
 a synchronous (tensor-parallel) executor, are collected at once.
@@ -67,7 +67,7 @@ class EngineCore:
         self.version = 0  # the weight version
         self.active: dict[int, Request] = {}  # admitted requests, by id
         self.inflight: LaunchedStep | None = None  # launched, not yet collected
-        self._pending: dict[Seq, tuple[int, int]] = {}  # placeholder position, sample index in the step in flight
+        self._placeholders: dict[Seq, tuple[int, int]] = {}  # (position, sample index in the step in flight)
         self._shapes: Transformer | None = None
         self.stats = {"steps": 0, "overlapped_steps": 0, "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0}
 
@@ -115,7 +115,7 @@ class EngineCore:
         if slots.paths:
             spec.adapter_ids = []
         scored, owners, zero = [], [], []
-        stats, pending = self.stats, self._pending
+        stats, placeholders = self.stats, self._placeholders
         start = 0  # the chunk's first row in the step
         for seq, n in plan:  # one pass: this runs for every sequence at every step
             req, tokens, first = seq.req, seq.tokens, seq.num_cached
@@ -123,7 +123,7 @@ class EngineCore:
             if spec.adapter_ids is not None:
                 spec.adapter_ids.append(slots.slot(req.adapter))
             # A token still on the device (sampled by the step in flight): fed from its draws.
-            fed = pending.get(seq)
+            fed = placeholders.get(seq)
             if fed is not None and first <= fed[0] < first + n:
                 spec.feed.append((start + fed[0] - first, fed[1]))
             # Prompt logprobs (leaders that asked for them): rows of positions whose next
@@ -166,7 +166,7 @@ class EngineCore:
             if launched.overlapped and seq.num_generated + 1 < seq.req.params.max_tokens:
                 seq.tokens.append(-1)
                 pos = len(seq.tokens) - 1
-                pending[seq] = (pos, k)
+                placeholders[seq] = (pos, k)
             launched.owners.append((seq, pos))
         return launched
 
@@ -199,8 +199,8 @@ class EngineCore:
                 pos = len(seq.tokens) - 1
             else:
                 seq.tokens[pos] = t
-                if self._pending.get(seq, (None,))[0] == pos:
-                    del self._pending[seq]
+                if self._placeholders.get(seq, (None,))[0] == pos:
+                    del self._placeholders[seq]
             seq.logprobs.append(a)
             seq.raw_logprobs.append(b)
             if seq.version is None:
@@ -246,13 +246,13 @@ class EngineCore:
 
     def _drop(self, seq: Seq) -> None:
         self.scheduler.drop(seq)
-        self._pending.pop(seq, None)
+        self._placeholders.pop(seq, None)
         seq.finished = True
 
     def fail_all(self, err: Exception) -> None:
         """Fail every request, admitted or waiting, with ``err``; free their blocks."""
         self.inflight = None
-        self._pending.clear()
+        self._placeholders.clear()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._drop(seq)
         for req in list(self.active.values()) + self.adapters.waiting:

@@ -1,6 +1,6 @@
 """The device side of the engine: a step's forward, prompt logprobs and sampling.
 
-The engine thread (model.py) schedules on the host and describes each step as a
+The engine core (core.py) schedules on the host and describes each step as a
 :class:`StepSpec`: plain lists (token ids, block ids, sampling parameters), so it can be
 pickled to tensor-parallel ranks. A :class:`StepRunner` owns one model (or one
 tensor-parallel shard of it), its KV cache and its CUDA graphs, and turns a spec into
