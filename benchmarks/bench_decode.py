@@ -124,7 +124,7 @@ def main(argv=None) -> list[dict]:
         # "engine, steps in turn": each step finished before the next is planned (what the
         # engine does at tp > 1), beside the default that plans step n+1 while n runs.
         for overlap in (False, True):
-            engine._executor.overlaps = overlap
+            engine._core.overlap = overlap
             impl = "engine" if overlap else "engine, steps in turn"
             if "batch1" not in args.skip:
                 before = dict(engine.stats)

@@ -37,19 +37,15 @@ class _HostOnly:
     def __init__(self, block_size: int):
         self.block_size = block_size
 
-    def launch(self, spec):
+    def launch(self, spec, after=None):
         from engine.infer.cache import host_to_device
         from engine.infer.forward import StepBatch
+        from engine.infer.runner import LaunchedStep, StepResult
 
         StepBatch.build(spec.chunks, self.block_size, "cpu", spec.adapter_ids)
         host_to_device("cpu", torch.int64, spec.rows, spec.expand, spec.top_k, spec.seeds, spec.steps)
         host_to_device("cpu", torch.float32, spec.temps, spec.top_p)
-        return len(spec.expand)
-
-    def collect(self, samples):
-        from engine.infer.runner import StepResult
-
-        return StepResult([], [(1, -1.0, -1.0)] * samples)
+        return LaunchedStep(result=StepResult([], [(1, -1.0, -1.0)] * len(spec.expand)))
 
     def close(self):
         pass
@@ -65,17 +61,18 @@ def test_engine_host_work_per_decode_step(benchmark, tmp_path, batch):
 
     folder = save_random_checkpoint(tmp_path / "model", TINY["llama"])
     with InferenceModel(folder, max_batch_size=4096, block_size=16, kv_cache_tokens=batch * 1024) as engine:
-        engine._executor = _HostOnly(engine.cache.block_size)
+        core = engine._core  # the engine core, its executor replaced (it still overlaps steps)
+        core.executor = _HostOnly(engine.cache.block_size)
         params = SamplingParams(max_tokens=256, temperature=0.0)
         spent = []  # seconds inside each step (the thread's wake-ups excluded)
-        step = engine._step
+        step = core.step
 
         def timed_step():
             start = time.perf_counter()
             step()
             spent.append(time.perf_counter() - start)
 
-        engine._step = timed_step
+        core.step = timed_step
 
         def run():
             futs = [engine.sample(list(range(2, 258)), 1, params) for _ in range(batch)]

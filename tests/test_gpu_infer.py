@@ -56,7 +56,7 @@ def test_cuda_graph_decode_equals_eager(checkpoint, peft_adapters, family, adapt
                             use_cuda_graphs=graphs) as engine:
             futs = [engine.sample(p, 2, params, adapter=a) for p, a in zip(prompts, which)]
             outs.append([[s.tokens for s in f.result(timeout=300).sequences] for f in futs])
-            graphed = engine._executor.runner.graphs
+            graphed = engine._core.executor.runner.graphs
             assert (graphed is not None) == graphs
             if graphs:
                 assert any(kind == adapters for kind, _ in graphed._graphs), "no decode step was replayed"
@@ -72,20 +72,20 @@ def test_a_step_is_launched_without_waiting_for_the_device(checkpoint, graphs):
     runner = StepRunner(model, block_size=4, kv_cache_tokens=256, gpu_memory_fraction=0.5, use_cuda_graphs=graphs)
     greedy = dict(expand=[0], temps=[0.0], top_k=[-1], top_p=[1.0], seeds=[1])
     tokens = [5, 6, 7]
-    first = runner.collect(runner.launch(StepSpec(chunks=[(tokens, 0, [0, 1])], rows=[2], steps=[0], **greedy)))
-    tokens.append(first.draws[0][0])
+    previous = runner.launch(StepSpec(chunks=[(tokens, 0, [0, 1])], rows=[2], steps=[0], **greedy))
+    tokens.append(previous.collect().draws[0][0])
     for step in range(3):  # warm-up: Triton compiles, graphs are captured
-        out = runner.collect(runner.launch(StepSpec(chunks=[([-1], len(tokens) - 1, [0, 1])], rows=[0],
-                                                    steps=[step + 1], feed=[(0, 0)], **greedy)))
-        tokens.append(out.draws[0][0])
+        previous = runner.launch(StepSpec(chunks=[([-1], len(tokens) - 1, [0, 1])], rows=[0], steps=[step + 1],
+                                          feed=[(0, 0)], **greedy), after=previous)
+        tokens.append(previous.collect().draws[0][0])
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # about a second of device time queued ahead of the step
     start = time.perf_counter()
     handle = runner.launch(StepSpec(chunks=[([-1], len(tokens) - 1, [0, 1])], rows=[0], steps=[4], feed=[(0, 0)],
-                                    **greedy))
+                                    **greedy), after=previous)
     launched = time.perf_counter() - start
     busy = torch.cuda.current_stream().query()
-    out = runner.collect(handle)
+    out = handle.collect()
     waited = time.perf_counter() - start
     assert not busy and launched < 0.25 * waited, f"launch took {launched:.3f} s of {waited:.3f} s: it waited"
     assert out.draws[0][0] == _greedy_next(model, tokens)

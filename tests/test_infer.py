@@ -148,7 +148,7 @@ def test_overlapped_steps_equal_synchronous_steps(checkpoint, seed):
 
     def run(overlap: bool):
         with InferenceModel(folder, max_batch_size=24, block_size=4, kv_cache_tokens=64) as engine:
-            engine._executor.overlaps = overlap
+            engine._core.overlap = overlap
             gate = threading.Event()
             engine.run_between_steps(gate.wait)  # every request below joins the same first step
             futs = [engine.sample(prompts[i], samples[i], SamplingParams(
@@ -344,7 +344,7 @@ def test_commands_between_overlapped_steps(checkpoint):
         long = [engine.sample(p, 1, SamplingParams(max_tokens=40, temperature=0.0)) for p in prompts]
         while engine.stats["decode_tokens"] < 6:  # decoding, with a step in flight
             time.sleep(0.001)
-        seen = engine.run_between_steps(lambda: engine._inflight is None).result(60)
+        seen = engine.run_between_steps(lambda: engine._core.inflight is None).result(60)
         assert engine.update_weights({"norm.weight": model.norm.weight * 0.5}).result(60) == 1
         after = engine.sample(prompts[0], 1, SamplingParams(max_tokens=4, temperature=0.0)).result(60)
         done = [f.result(60).sequences[0] for f in long]

@@ -1,4 +1,4 @@
-"""Inference: paged KV cache, continuous batching, sampling (see model.py)."""
+"""Inference: paged KV cache, continuous batching, sampling (core.py walks one request through)."""
 from .cache import BlockAllocator, KVCache
 from .cuda_graphs import DecodeGraphs, pad_decode_inputs
 from .forward import StepBatch, forward_with_cache

@@ -24,6 +24,8 @@ import array
 import torch
 import torch.distributed as dist
 
+from engine.parallel import tp_group
+
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
@@ -136,7 +138,7 @@ class KVCache(BlockSpace):
     def for_model(cls, model, *, block_size: int, num_tokens: int | None = None, gpu_fraction: float = 0.9,
                   dtype: torch.dtype | None = None) -> "KVCache":
         """Size the pool: ``num_tokens`` when given, else (CUDA) a fraction of the free memory.
-        On a tensor-parallel shard (``model.tp_group``) the ranks agree on the smallest count."""
+        On a tensor-parallel shard (``tp_group(model)``) the ranks agree on the smallest count."""
         cfg = model.config
         device = model.embed.weight.device
         dtype = dtype or model.embed.weight.dtype
@@ -150,7 +152,7 @@ class KVCache(BlockSpace):
                                            dtype)
         else:
             num_blocks = -(-num_tokens // block_size)
-        group = getattr(model, "tp_group", None)
+        group = tp_group(model)
         if group is not None:
             n = torch.tensor([num_blocks], dtype=torch.int64, device=device)
             dist.all_reduce(n, op=dist.ReduceOp.MIN, group=group)

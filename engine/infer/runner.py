@@ -1,6 +1,6 @@
 """The device side of the engine: a step's forward, prompt logprobs and sampling.
 
-The engine thread (model.py) schedules on the host and describes each step as a
+The engine core (core.py) schedules on the host and describes each step as a
 :class:`StepSpec`: plain lists (token ids, block ids, sampling parameters), so it can be
 pickled to tensor-parallel ranks. A :class:`StepRunner` owns one model (or one
 tensor-parallel shard of it), its KV cache and its CUDA graphs, and turns a spec into
@@ -20,23 +20,31 @@ samples and answers. The block copies of forked samples (``Scheduler.copies``) a
 first in every step, on every rank.
 
 A step is ``launch``-ed (its device work queued, inputs copied from pinned memory without
-waiting) and later ``collect``-ed (results copied out the same way; waits on that step's
-event only). At tp=1 (``LocalExecutor.overlaps``) the engine launches step n+1 before it
-collects step n; the other executors run each step to the end.
+waiting): every executor returns a :class:`LaunchedStep`, whose ``collect()`` gives its
+results (copied out the same way; waits on that step's event only). At tp=1
+(``LocalExecutor.overlaps``) the engine core launches step n+1 before it collects step n,
+passing step n as ``after``: the rows of ``StepSpec.feed`` read their tokens from step n's
+draws on the device. The other executors run each step to the end.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.models import set_adapter_stack
-from engine.parallel import WorkerPool, gather_vocab, load_tp_model, shard_tensor
+from engine.models import load_config, load_model
+from engine.parallel import WorkerPool, check_tp, gather_vocab, load_tp_model, shard_tensor, tp_group
 
+from .adapters import AdapterSlots
 from .cache import BlockSpace, KVCache, host_to_device
 from .cuda_graphs import DecodeGraphs
 from .forward import StepBatch, forward_with_cache
 from .sampling_op import sample_tokens
+
+if TYPE_CHECKING:
+    from .model import InferenceModel
 
 
 @dataclass
@@ -49,8 +57,9 @@ class StepSpec:
     prompt: per scored prompt chunk (first row in the step, next-token targets, top-k);
     rows: step rows whose logits are sampled, ``expand`` mapping each sample to its row,
     and per sample: temperature, top_k, top_p, seed, step (tokens generated so far);
-    feed: (row, sample) pairs: the token of that row is the previous step's draw for that
-    sample, still on the device (overlapped steps, tp=1; the host list holds a placeholder).
+    feed: (row, sample) pairs: the token of that row is the draw for that sample of the step
+    launched before (``launch``'s ``after``), still on the device (overlapped steps, tp=1;
+    the host list holds a placeholder).
     """
 
     chunks: list[tuple[list[int], int, list[int]]]
@@ -77,6 +86,57 @@ class StepResult:
     draws: list[tuple[int, float, float]]
 
 
+@dataclass(eq=False)
+class LaunchedStep:
+    """A launched step, whatever its kind (overlapped or run to the end, any tp, with or
+    without rows to sample): what every executor's ``launch`` returns.
+
+    Device side (set by the executor): ``outputs``, the step's device results being copied
+    to pinned host memory, laid out by ``prompt`` (``StepSpec.prompt``), with ``done`` the
+    event recorded after the copies (None off CUDA); ``draws``, the sampled tokens [samples]
+    still on the device, which the next step's ``feed`` rows read; or ``result`` when the
+    results are on the host already (a synchronous executor, a step without sampled or
+    scored rows; None on a tensor-parallel rank other than 0).
+
+    Engine side (set by the engine core, core.py, when it launches the step): ``scored``,
+    per scored prompt chunk (request, first position); ``owners``, per sampling sequence
+    (sequence, position of its placeholder token or None: append); ``zero``, the
+    max_tokens=0 sequences that end with it; ``version``, the weight version it ran with;
+    ``overlapped``, whether it stays in flight while the next step is launched.
+    """
+
+    prompt: list = field(default_factory=list)
+    outputs: list[torch.Tensor] | None = None
+    done: Any = None
+    draws: torch.Tensor | None = None
+    result: StepResult | None = None
+    scored: list = field(default_factory=list)
+    owners: list = field(default_factory=list)
+    zero: list = field(default_factory=list)
+    version: int = 0
+    overlapped: bool = False
+
+    def collect(self) -> StepResult | None:
+        """The step's host results (waits for this step's device work only)."""
+        if self.outputs is None:
+            return self.result
+        if self.done is not None:
+            self.done.synchronize()
+        out = iter(self.outputs)
+        prompt = []
+        for _, _, topk in self.prompt:
+            lps = next(out).tolist()
+            top = None
+            if topk:
+                vals, idx = next(out), next(out)
+                top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+            prompt.append((lps, top))
+        draws = next(out, None)
+        self.outputs = None
+        self.result = StepResult(prompt, [] if draws is None else [(int(t), a, b) for t, a, b in draws.tolist()])
+        return self.result
+
+
 class StepRunner:
     """One rank's model, KV cache and CUDA graphs. ``step`` returns a StepResult on rank 0
     (the only rank with tp=1) and None on the others."""
@@ -85,25 +145,24 @@ class StepRunner:
                  use_cuda_graphs: bool):
         self.model = model.eval()
         self.device = model.embed.weight.device
-        group = getattr(model, "tp_group", None)
+        group = tp_group(model)
         self.lead = group is None or torch.distributed.get_rank(group) == 0
         self.cache = KVCache.for_model(model, block_size=block_size, num_tokens=kv_cache_tokens,
                                        gpu_fraction=gpu_memory_fraction)
         self.graphs = None
-        self._last_draws: torch.Tensor | None = None  # tokens sampled by the last launched step
         # Capturing collectives in a graph is left to a later change: graphs at tp=1 only.
         if use_cuda_graphs and self.device.type == "cuda" and group is None:
             max_blocks = min(self.cache.num_blocks, self.cache.blocks_needed(model.config.max_position_embeddings))
             self.graphs = DecodeGraphs(model, self.cache, max_blocks)
 
     def step(self, spec: StepSpec) -> StepResult | None:
-        return self.collect(self.launch(spec))
+        return self.launch(spec).collect()
 
     @torch.no_grad()
-    def launch(self, spec: StepSpec):
-        """Queue the step's device work; ``collect`` of the returned handle waits for its
-        results. The next step may be launched before this one is collected: its ``feed``
-        rows then read this step's draws on the device."""
+    def launch(self, spec: StepSpec, after: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the step's device work; ``collect()`` of the returned step waits for its
+        results. ``after``: the step launched before, possibly not collected yet, whose
+        draws the ``feed`` rows read on the device."""
         if spec.copies:
             self.cache.copy_blocks([s for s, _ in spec.copies], [d for _, d in spec.copies])
         batch = StepBatch.build(spec.chunks, self.cache.block_size, self.device, spec.adapter_ids)
@@ -114,18 +173,17 @@ class StepRunner:
             spec.top_k, spec.seeds, spec.steps, [r for r, _ in spec.feed], [k for _, k in spec.feed])
         temps, top_p = host_to_device(self.device, torch.float32, spec.temps, spec.top_p)
         if spec.feed:
-            if self._last_draws is None:
+            if after is None or after.draws is None:
                 raise RuntimeError("StepSpec.feed names draws of a previous step that sampled nothing")
-            batch.input_ids[feed_rows] = self._last_draws[feed_from]
-        self._last_draws = None
+            batch.input_ids[feed_rows] = after.draws[feed_from]
         hidden = None if self.graphs is None else self.graphs.run(batch)
         if hidden is None:
             hidden = forward_with_cache(self.model, self.cache, batch)
         if not rows.numel():
-            return StepResult([], []) if self.lead else None
+            return LaunchedStep(result=StepResult([], []) if self.lead else None)
         logits = gather_vocab(self.model, self.model.compute_logits(hidden[rows]))
         if not self.lead:
-            return None
+            return LaunchedStep()
         logits = logits.float()
         # Device results, copied out without waiting (collect waits for this step only):
         # per scored chunk its target logprobs and top-k, then the draws.
@@ -136,48 +194,26 @@ class StepRunner:
             at += len(chunk_targets)
             if topk:
                 out.extend(logp.topk(min(topk, logp.shape[-1]), dim=-1))
+        tok = None
         if spec.rows:
             tok, lp, raw = sample_tokens(logits[at:][expand], temps, top_k, top_p, seeds, steps, truncate=spec.truncate)
-            self._last_draws = tok
             out.append(torch.stack([tok.double(), lp.double(), raw.double()], 1))
         done = None
         if logits.is_cuda:
             out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in out]
             done = torch.cuda.Event()
             done.record()
-        return spec.prompt, out, done
-
-    @staticmethod
-    def collect(handle) -> StepResult | None:
-        """The host results of a launched step (waits for that step's device work)."""
-        if handle is None or isinstance(handle, StepResult):
-            return handle
-        chunks, out, done = handle
-        if done is not None:
-            done.synchronize()
-        out = iter(out)
-        prompt = []
-        for _, _, topk in chunks:
-            lps = next(out).tolist()
-            top = None
-            if topk:
-                vals, idx = next(out), next(out)
-                top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-            prompt.append((lps, top))
-        draws = next(out, None)
-        return StepResult(prompt, [] if draws is None else [(int(t), a, b) for t, a, b in draws.tolist()])
+        return LaunchedStep(prompt=spec.prompt, outputs=out, done=done, draws=tok)
 
     def set_adapters(self, slots: list[str]) -> None:
-        set_adapter_stack(self.model, slots)
-        if self.graphs is not None:
-            self.graphs.reset()  # the projections may be new modules
+        AdapterSlots.install(self.model, self.graphs, slots)
 
     @torch.no_grad()
     def copy_weights(self, items: list[tuple[str, torch.Tensor]]) -> None:
         """Copy unsharded weights (names of ``model.state_dict()`` at tp=1) into the model;
         a tensor-parallel rank keeps its shard of each."""
         own = self.model.state_dict()
-        group = getattr(self.model, "tp_group", None)
+        group = tp_group(self.model)
         for name, value in items:
             if name not in own:
                 raise KeyError(f"update_weights: {name!r} is not a parameter of the model")
@@ -194,12 +230,8 @@ class _Synchronous:
 
     overlaps = False
 
-    def launch(self, spec: StepSpec) -> StepResult:
-        return self.step(spec)
-
-    @staticmethod
-    def collect(result: StepResult) -> StepResult:
-        return result
+    def launch(self, spec: StepSpec, after: LaunchedStep | None = None) -> LaunchedStep:
+        return LaunchedStep(result=self.step(spec))
 
 
 class LocalExecutor:
@@ -213,11 +245,8 @@ class LocalExecutor:
         self.blocks: BlockSpace = runner.cache
         self.config = runner.model.config
 
-    def launch(self, spec: StepSpec):
-        return self.runner.launch(spec)
-
-    def collect(self, handle) -> StepResult:
-        return self.runner.collect(handle)
+    def launch(self, spec: StepSpec, after: LaunchedStep | None = None) -> LaunchedStep:
+        return self.runner.launch(spec, after)
 
     def set_adapters(self, slots: list[str]) -> None:
         self.runner.set_adapters(slots)
@@ -261,11 +290,15 @@ class SPMDExecutor(_Synchronous):
     """tp > 1 under torchrun (every rank launched by it, each holding its shard): rank 0
     drives, broadcasting each call to the other ranks, which run ``follow``."""
 
-    def __init__(self, runner: StepRunner, group):
-        self.runner, self.group = runner, group
+    def __init__(self, runner: StepRunner):
+        self.runner = runner
         self.blocks: BlockSpace = BlockSpace(runner.cache.num_blocks, runner.cache.block_size)
         self.config = runner.model.config
-        self.tp = torch.distributed.get_world_size(group)
+        self.tp = torch.distributed.get_world_size(self.group)
+
+    @property
+    def group(self):
+        return tp_group(self.runner.model)  # held weakly: see engine.parallel.shutdown
 
     def _call(self, method: str | None, *args):
         torch.distributed.broadcast_object_list([(method, args)], src=torch.distributed.get_global_rank(self.group, 0),
@@ -331,3 +364,39 @@ class TPExecutor(_Synchronous):
             self.pool.close()
         elif self.pool._procs:
             self.pool.run(_detach_rank)  # free the KV cache; the trainer keeps its ranks
+
+
+def _runner_kwargs(max_batch_size, block_size, kv_cache_tokens, gpu_memory_fraction, use_cuda_graphs,
+                   on_cuda: bool) -> dict:
+    """StepRunner's arguments; off CUDA the KV cache defaults to 4 x max_batch_size tokens."""
+    if kv_cache_tokens is None and not on_cuda:
+        kv_cache_tokens = 4 * max_batch_size
+    return dict(block_size=block_size, kv_cache_tokens=kv_cache_tokens, gpu_memory_fraction=gpu_memory_fraction,
+                use_cuda_graphs=use_cuda_graphs)
+
+
+def open_executor(model_or_path, *, tp: int, dtype, device, max_batch_size: int, block_size: int,
+                  kv_cache_tokens: int | None, gpu_memory_fraction: float, use_cuda_graphs: bool):
+    """The executor of an InferenceModel (its arguments, see model.py): a tensor-parallel
+    trainer's pool, tp > 1 ranks of its own, a torchrun shard (``serve_tp``) or tp=1."""
+    sizes = (max_batch_size, block_size, kv_cache_tokens, gpu_memory_fraction, use_cuda_graphs)
+    if isinstance(model_or_path, WorkerPool):  # a tensor-parallel trainer's ranks
+        return TPExecutor.attach(model_or_path, **_runner_kwargs(*sizes, torch.cuda.is_available()))
+    if isinstance(model_or_path, (str, Path)) and tp > 1:
+        check_tp(load_config(model_or_path), tp)
+        return TPExecutor.spawn(model_or_path, tp, dtype=dtype, **_runner_kwargs(*sizes, torch.cuda.is_available()))
+    if tp > 1:
+        raise ValueError(f"tp={tp} needs a checkpoint folder (each rank loads its own shard), not a model")
+    model = model_or_path
+    if isinstance(model_or_path, (str, Path)):
+        model = load_model(model_or_path, dtype=dtype, device=device)
+    runner = StepRunner(model, **_runner_kwargs(*sizes, model.embed.weight.device.type == "cuda"))
+    return LocalExecutor(runner) if tp_group(model) is None else SPMDExecutor(runner)  # see serve_tp
+
+
+def follow_shard(model, *, max_batch_size: int, block_size: int, kv_cache_tokens: int | None,
+                 gpu_memory_fraction: float, use_cuda_graphs: bool) -> None:
+    """``serve_tp`` on a rank other than 0: serve this rank's shard until rank 0 closes."""
+    on_cuda = model.embed.weight.device.type == "cuda"
+    follow(StepRunner(model, **_runner_kwargs(max_batch_size, block_size, kv_cache_tokens, gpu_memory_fraction,
+                                              use_cuda_graphs, on_cuda)), tp_group(model))

@@ -22,10 +22,36 @@ for that copy waits and recomputes its prompt.
 from __future__ import annotations
 
 import bisect
+import random
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from .cache import BlockSpace
+from .sampling import derive_seed
 from .types import Future, SampledSequence, SamplingParams
+
+
+def as_token_ids(prompt: Any) -> list[int]:
+    """A prompt as a list of ints: a list of ids, a tensor, or an object with ``to_ints()``
+    or ``chunks`` (Tinker's ModelInput)."""
+    if hasattr(prompt, "to_ints"):
+        prompt = prompt.to_ints()
+    elif hasattr(prompt, "chunks"):
+        prompt = [t for c in prompt.chunks for t in c.tokens]
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.reshape(-1).tolist()
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__"):
+        raise ValueError(f"prompt must be a list of token ids or an object with to_ints(), got {type(prompt).__name__}")
+    out = []
+    for t in prompt:
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise ValueError(f"prompt holds {t!r}, not a token id")
+        out.append(t.__index__())
+    return out
 
 
 @dataclass(eq=False)  # identity: requests and sequences are looked up in lists
@@ -59,6 +85,64 @@ class Request:
         if self.topk_prompt_logprobs > 0:
             self.topk = [None] * len(self.prompt)
 
+    @classmethod
+    def create(cls, id: int, prompt, num_samples: int, params: SamplingParams, future: Future, *, config,
+               capacity_tokens: int, tokenizer=None, include_prompt_logprobs: bool = False,
+               topk_prompt_logprobs: int = 0, adapter=None, logprobs_only: bool = False) -> "Request":
+        """A checked request for a model of ``config`` (vocabulary, context length) and a KV
+        cache of ``capacity_tokens``: each bad argument raises one error naming it.
+        ``adapter``: a PEFT folder (resolved here); the seed of sample i is derived from
+        ``params.seed`` (a fresh one when None)."""
+        tokens = as_token_ids(prompt)
+        if not tokens:
+            raise ValueError("prompt is empty; it needs at least one token")
+        vocab = config.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        p = params
+        if not isinstance(p.max_tokens, int) or p.max_tokens < 0:
+            raise ValueError(f"sampling_params.max_tokens must be a non-negative int, got {p.max_tokens!r}")
+        ctx = config.max_position_embeddings
+        if len(tokens) + p.max_tokens > ctx:
+            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({p.max_tokens}) exceeds the model's "
+                             f"context of {ctx} tokens")
+        if len(tokens) + p.max_tokens > capacity_tokens:
+            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({p.max_tokens}) exceeds the KV cache "
+                             f"({capacity_tokens} tokens); raise kv_cache_tokens")
+        if not p.temperature >= 0:
+            raise ValueError(f"sampling_params.temperature must be >= 0, got {p.temperature!r}")
+        if not 0 < p.top_p <= 1:
+            raise ValueError(f"sampling_params.top_p must be in (0, 1], got {p.top_p!r}")
+        if not isinstance(p.top_k, int):
+            raise ValueError(f"sampling_params.top_k must be an int (-1: all), got {p.top_k!r}")
+        if not isinstance(topk_prompt_logprobs, int) or topk_prompt_logprobs < 0:
+            raise ValueError(f"topk_prompt_logprobs must be a non-negative int, got {topk_prompt_logprobs!r}")
+        stops = [] if p.stop is None else [p.stop] if isinstance(p.stop, (int, str)) else list(p.stop)
+        stop_ids = frozenset(s for s in stops if isinstance(s, int) and not isinstance(s, bool))
+        stop_strings = tuple(s for s in stops if isinstance(s, str))
+        if len(stop_ids) + len(stop_strings) != len(stops):
+            raise ValueError(f"sampling_params.stop must hold token ids or strings, got {p.stop!r}")
+        if stop_strings and tokenizer is None:
+            raise ValueError("sampling_params.stop holds strings but this model has no tokenizer; pass token ids")
+        if adapter is not None:
+            path = Path(adapter)
+            if not path.is_dir():
+                raise FileNotFoundError(f"adapter {str(adapter)!r}: no such folder (expected a PEFT adapter folder)")
+            adapter = str(path.resolve())
+        seed = p.seed if p.seed is not None else random.getrandbits(63)
+        return cls(id=id, prompt=tokens, num_samples=num_samples, params=p, stop_ids=stop_ids,
+                   stop_strings=stop_strings, seeds=[derive_seed(int(seed), i) for i in range(num_samples)],
+                   future=future, include_prompt_logprobs=include_prompt_logprobs,
+                   topk_prompt_logprobs=topk_prompt_logprobs, adapter=adapter, logprobs_only=logprobs_only,
+                   submitted=time.perf_counter())
+
+    def leader(self) -> "Seq":
+        """The sequence that prefills the prompt once for all ``num_samples`` samples."""
+        return Seq(req=self, index=0, fork=self.num_samples, tokens=list(self.prompt))
+
 
 @dataclass(eq=False)
 class Seq:
@@ -73,7 +157,6 @@ class Seq:
     logprobs: list[float] = field(default_factory=list)
     raw_logprobs: list[float] = field(default_factory=list)
     version: int | None = None
-    pending: tuple[int, int] | None = None  # (position, sample index) of a token the step in flight samples
     finished: bool = False
 
     @property

@@ -59,6 +59,11 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> RankContext:
     """Join the default process group from torchrun's environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT) unless already initialised; pick this rank's device."""
     if not dist.is_initialized():
+        # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when
+        # first imported (torch._dynamo imports it): imported after the group exists, it would
+        # keep the group alive past shutdown(). Imported now, its defaults are None.
+        import torch.distributed.nn.functional  # noqa: F401
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -72,8 +77,8 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> RankContext:
 
 
 def shutdown(*, barrier: bool = True) -> None:
-    """End this process's part in torch.distributed; call it last in a script that torchrun
-    launched (``serve_tp``'s serving ranks and WorkerPool's workers call it themselves).
+    """End this process's part in torch.distributed: call it last, on every rank, in a script
+    that torchrun launched (WorkerPool's workers call it themselves).
 
     Waits for every rank (``barrier=False`` when a peer may be gone), then destroys the
     process groups. The engine holds groups weakly (``GroupRef``), so that frees them and
@@ -89,11 +94,22 @@ def shutdown(*, barrier: bool = True) -> None:
     dist.destroy_process_group()
     gc.collect()  # reference cycles (autograd graphs, tracebacks) that reach a group
     if world() is not None:
-        holders = sorted({type(r).__name__ for r in gc.get_referrers(world())})
-        warnings.warn(f"engine.parallel.shutdown: the process group is still referenced (by {', '.join(holders)}), "
+        warnings.warn(f"engine.parallel.shutdown: the process group is still referenced (by {_holders(world())}), "
                       "so gloo's threads outlive destroy_process_group and may abort the interpreter's exit; "
                       "drop those references (keep ctx.group, not the group itself) before shutdown()",
                       RuntimeWarning, stacklevel=2)
+
+
+def _holders(obj) -> str:
+    """What holds ``obj``: objects that refer to it directly or through untracked tuples
+    (function defaults, argument tuples), for shutdown's warning."""
+    def holds(o, depth=0):
+        return any(r is obj or (depth < 2 and type(r) is tuple and not gc.is_tracked(r) and holds(r, depth + 1))
+                   for r in gc.get_referents(o))
+
+    names = {f"{o.__module__}.{o.__qualname__}" if callable(o) and hasattr(o, "__qualname__") else type(o).__name__
+             for o in gc.get_objects() if holds(o)}
+    return ", ".join(sorted(names)) or "objects outside Python's garbage collector"
 
 
 def free_port() -> int:
