@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from engine.models import set_adapter_stack
-from engine.models import adapter_tensors, read_peft_adapter
+from engine.models import adapter_tensors, read_peft_adapter, set_adapter_stack
 
 from .scheduler import Request
 
