@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import kernels.linear_logprobs_triton as lce_triton
+import kernels.triton_base as triton_base
 from kernels import TokenStats, linear_cross_entropy, linear_logprobs, linear_token_loss
 
 N, H, V = 37, 24, 3001  # no multiple of any block size
@@ -21,7 +22,7 @@ def small_chunks(monkeypatch):
     backend allocates, so a row or tile the kernels forget to write shows up as NaN."""
     monkeypatch.setattr(lce_triton, "CHUNK_BUDGET", 1e-6)
     monkeypatch.setattr(lce_triton, "MIN_CHUNK_ROWS", 16)
-    monkeypatch.setattr(lce_triton, "POISON", True)
+    monkeypatch.setattr(triton_base, "POISON", True)
 
 
 def _inputs(dtype=torch.float32, bias=False, n_ignored=5, seed=0):
