@@ -192,13 +192,13 @@ def _bwd_dy_kernel(dy_ptr, stride_dyn, b_ptr, stride_bo, stride_br, xa_ptr, dyb_
     dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dyn
     if NEED_DB:
         xa = cast(tl.load(xa_ptr + rows.to(tl.int64)[:, None] * BLOCK_R + rr[None, :], mask=row_ok[:, None],
-                         other=0.0), dtype, PREC)
+                          other=0.0), dtype, PREC)
     dyb = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
     o_start, o_end = _split_range(o_per_split, M)
     for o0 in range(o_start, o_end, BLOCK_O):
         cols, col_ok, dy = _row_tile(dy_rows, row_ok, o0, o_end, BLOCK_O)
         b = cast(tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_bo + rr[None, :] * stride_br,
-                        mask=col_ok[:, None] & (rr < R)[None, :], other=0.0), dtype, PREC)
+                         mask=col_ok[:, None] & (rr < R)[None, :], other=0.0), dtype, PREC)
         dyb = dot(dy, b, dyb, PREC)
         if NEED_DB:
             part = dot(tl.trans(dy), xa, None, PREC)
@@ -224,14 +224,14 @@ def _bwd_dx_kernel(x_ptr, stride_xn, a_ptr, stride_ar, stride_ak, dyb_ptr, strid
     r_ok = rr < R
     dtype = x_ptr.dtype.element_ty
     a = cast(tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :].to(tl.int64) * stride_ak,
-                    mask=r_ok[:, None] & col_ok[None, :], other=0.0), dtype, PREC)
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0), dtype, PREC)
     da = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     n_start, n_end = _split_range(n_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < n_end
         dyb = cast(tl.load(dyb_ptr + rows.to(tl.int64)[:, None] * stride_dybn + rr[None, :],
-                          mask=row_ok[:, None] & r_ok[None, :], other=0.0), dtype, PREC)
+                           mask=row_ok[:, None] & r_ok[None, :], other=0.0), dtype, PREC)
         tile = rows.to(tl.int64)[:, None]
         mask = row_ok[:, None] & col_ok[None, :]
         if HAS_DROPOUT:  # one mask draw serves dx and dA

@@ -56,7 +56,7 @@ def _lowrank_epilogue(acc, pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, s
     rr = tl.arange(0, BLOCK_R)
     lo = tl.load(lo_ptr + rm[:, None] * stride_lm + rr[None, :], mask=(rr < R)[None, :], other=0.0).to(tl.float32)
     rt = cast(tl.load(rt_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=(rr < R)[:, None], other=0.0),
-             dtype, PREC)
+              dtype, PREC)
     if HAS_DROPOUT:
         low = dot(cast(lo, dtype, PREC), rt, None, PREC)
         keep = dropout_keep(seed, p, rows, pid_n * BLOCK_N, N, BLOCK_N)

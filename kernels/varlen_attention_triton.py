@@ -224,8 +224,8 @@ def _varlen_attn_fwd_kernel(
             tl.store(Lse + h.to(tl.int64) * stride_lh + tok, lse, mask=row_ok)
     else:
         tail = tl.load(CuQ + num_seqs)
-        zero_rows(Out + h * stride_oh, stride_ot, tail + pid_m * BLOCK_M, total_q, num_m * BLOCK_M, offs_m, offs_d, d_ok,
-                  BLOCK_M, BLOCK_D)
+        zero_rows(Out + h * stride_oh, stride_ot, tail + pid_m * BLOCK_M, total_q, num_m * BLOCK_M, offs_m, offs_d,
+                  d_ok, BLOCK_M, BLOCK_D)
         for r0 in range(tail + pid_m * BLOCK_M, total_q, num_m * BLOCK_M):
             rows = r0 + offs_m
             tl.store(Lse + h.to(tl.int64) * stride_lh + rows, tl.full((BLOCK_M,), float("-inf"), tl.float32),
