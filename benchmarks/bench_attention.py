@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_forward import document_lengths  # noqa: E402
 from benchmarks.harness import peak_memory_bytes, save, table, time_ms  # noqa: E402
 from kernels import paged_attention, varlen_attention  # noqa: E402
-from kernels.varlen_attention_triton import triton_interpreted  # noqa: E402
+from kernels.triton_base import interpreting  # noqa: E402
 
 
 def varlen_peers(lens, hq, hkv, d, device, engine_impl) -> dict:
@@ -208,7 +208,7 @@ def main(argv=None) -> list[dict]:
         decode = [(b, n) for b in (1, 16, 64) for n in (1024, 4096, 16384)]
         timing = dict(warmup=25, rep=100)
     # On CPU the Triton kernels only run under the interpreter; otherwise the reference stands in.
-    engine_impl = "triton" if cuda or triton_interpreted() else "torch"
+    engine_impl = "triton" if cuda or interpreting() else "torch"
     print(f"engine backend: {engine_impl}; Hq={hq} Hkv={hkv} D={d} {dtype}", flush=True)
     varlen_rows = [r for total in tokens for r in bench_varlen(total, lo, hi, hq, hkv, d, device, dtype, engine_impl,
                                                                timing)]

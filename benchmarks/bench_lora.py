@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import peak_memory_bytes, save, table, time_ms  # noqa: E402
-import kernels.lora_triton as lora_triton  # noqa: E402
+import kernels.lowrank_gemm as lowrank_gemm  # noqa: E402
 from kernels import lora_linear, lora_linear_multi, pack_lora_adapters  # noqa: E402
 
 TRAIN_SHAPES = [(4096, 4096, 16), (4096, 14336, 64)]  # (in, out, r)
@@ -83,13 +83,13 @@ def train_rows(n: int, shapes, device, dtype) -> list[dict]:
         for name, fn in runs.items():
             for mode in ("fwd", "fwd+bwd"):
                 def step(fn=fn, mode=mode, gemm=FORCED_GEMM.get(name)):
-                    lora_triton.GEMM = gemm
+                    lowrank_gemm.GEMM = gemm
                     try:
                         y = fn()
                         if mode == "fwd+bwd":
                             y.backward(dy)
                     finally:
-                        lora_triton.GEMM = None
+                        lowrank_gemm.GEMM = None
                     return y
                 ms = time_ms(step)
                 peak = peak_memory_bytes(step)

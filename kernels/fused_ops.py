@@ -16,14 +16,12 @@ engine calls these with "auto"; the model's own modules pass "torch" (engine/mod
 """
 from __future__ import annotations
 
-
 import torch
 
-from ._dispatch import on_device, resolve_impl
-from .varlen_attention_triton import check_triton_device, tl, triton
+from .dispatch import check_triton_device, on_device, resolve_impl
+from .triton_base import TRITON_DTYPES, tl, triton, unit_last_stride
 
 _BACKENDS = ("triton", "torch")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,8 +108,7 @@ def _silu_mul_kernel(X, Out, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, last] with a unit last stride (a view when the layout allows it)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = unit_last_stride(x)
     try:
         return x.view(-1, x.shape[-1])
     except RuntimeError:
@@ -140,13 +137,8 @@ def rms_norm_triton(x, weight, eps, residual=None):
 
 def rope_triton(q, k, cos, sin, q_weight=None, k_weight=None, eps=1e-6):
     check_triton_device("rope", q)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    cos, sin = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
-    if cos.stride(-1) != 1 or sin.stride(-1) != 1:
-        cos, sin = cos.contiguous(), sin.contiguous()
+    q, k = unit_last_stride(q), unit_last_stride(k)
+    cos, sin = unit_last_stride(cos.reshape(cos.shape[0], -1)), unit_last_stride(sin.reshape(sin.shape[0], -1))
     t, hq, d = q.shape
     hkv = k.shape[1]
     q_out = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
@@ -219,7 +211,7 @@ def _pick(op: str, impl: str, x: torch.Tensor, *tensors) -> str:
         resolve_impl(op, impl, x, _BACKENDS)  # still reject unknown impls
         return "torch"
     backend = resolve_impl(op, impl, x, _BACKENDS)
-    if backend == "triton" and x.dtype not in _FLOATS:
+    if backend == "triton" and x.dtype not in TRITON_DTYPES:
         raise ValueError(f"{op}: the Triton kernel takes float32, bfloat16 or float16, got {x.dtype}")
     return backend
 

@@ -18,93 +18,18 @@ every output and gradient equals the unsharded op.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
-from ._dispatch import resolve_impl
-from .collectives import copy_to_group, sum_over_group
+from .dispatch import resolve_impl
+from .linear_logprobs_triton import ChunkedStats, FusedTokenLoss, Options
+from .token_stats import LossFn, TokenStats, evaluate_loss, token_stats_torch, vocab_sizes, zero_ignored
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 _BACKENDS = ("triton", "torch")
-
-
-def vocab_sizes(local_vocab: int, group) -> list[int]:
-    """Vocabulary slice size of every rank (host ints only: one all-gather of sizes)."""
-    sizes = [None] * dist.get_world_size(group)
-    dist.all_gather_object(sizes, local_vocab, group=group)
-    return sizes
-
-
-def vocab_offset(local_vocab: int, group) -> int:
-    """First global token id of this rank's slice."""
-    return sum(vocab_sizes(local_vocab, group)[: dist.get_rank(group)])
-
-
-@dataclass
-class TokenStats:
-    """Per-token statistics handed to a token-local loss: float32 [n] tensors, 0 on ignored
-    tokens; ``entropy`` and ``sum`` (sum of the scores over the vocabulary) are None unless
-    asked for; ``valid`` is False on ignored tokens."""
-    logprob: torch.Tensor
-    lse: torch.Tensor
-    entropy: torch.Tensor | None
-    sum: torch.Tensor | None
-    valid: torch.Tensor
-
-
-def zero_ignored(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
-def evaluate_loss(loss_fn, stats: TokenStats, aux: dict) -> torch.Tensor:
-    """Per-token float32 loss of ``loss_fn(stats, **aux)``, checked, 0 on ignored tokens."""
-    out = loss_fn(stats, **aux)
-    if not isinstance(out, torch.Tensor) or out.shape != stats.logprob.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"loss_fn must return a per-token loss of shape {tuple(stats.logprob.shape)}, got {got}")
-    return zero_ignored(out.float(), stats.valid)
-
-
-def token_stats_torch(x, weight, targets, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
-                      process_group=None, want_entropy=False, want_sum=False) -> dict[str, torch.Tensor]:
-    """Reference statistics [N] float32: logprob, lse, and on request entropy and the sum
-    of the scores over the vocabulary. Ignored rows are 0 in every output, with no gradient."""
-    group = process_group
-    if group is not None:
-        x = copy_to_group(x, group)
-    scores = x.float() @ weight.float().t()
-    if bias is not None:
-        scores = scores + bias.float()
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores / temperature
-    valid = targets != ignore_index
-    offset = vocab_offset(weight.shape[0], group) if group is not None else 0
-    local = targets - offset
-    mine = valid & (local >= 0) & (local < weight.shape[0])
-    picked = scores.gather(1, torch.where(mine, local, 0)[:, None])[:, 0] * mine
-
-    def reduce(t):
-        return t if group is None else sum_over_group(t, group)
-
-    row_max = scores.detach().amax(dim=1)
-    if group is not None:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    lse = row_max + torch.log(reduce(torch.exp(scores - row_max[:, None]).sum(dim=1)))
-    zero = torch.zeros((), device=x.device)
-    out = {"logprob": torch.where(valid, reduce(picked) - lse, zero), "lse": torch.where(valid, lse, zero)}
-    if want_entropy:
-        # E[s] = sum_j p_j s_j with p_j = exp(s_j - lse). Each rank's partial sum must not
-        # differentiate through the replicated lse (it would see only its own share of
-        # dE/dlse = -E[s]); the lse path is added once, globally, by the second term.
-        fixed = lse.detach()
-        expected = reduce((torch.exp(scores - fixed[:, None]) * scores).sum(dim=1))
-        expected = expected + (fixed - lse) * expected.detach()
-        out["entropy"] = torch.where(valid, lse - expected, zero)
-    if want_sum:
-        out["sum"] = torch.where(valid, reduce(scores.sum(dim=1)), zero)
-    return out
 
 
 def _check(x, weight, targets, bias, temperature, softcap, ignore_index, process_group):
@@ -139,7 +64,6 @@ def _token_stats(backend, x, weight, targets, bias, temperature, softcap, ignore
         return token_stats_torch(x, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
                                  ignore_index=ignore_index, process_group=process_group,
                                  want_entropy=want_entropy, want_sum=want_sum)
-    from .linear_logprobs_triton import ChunkedStats, Options
     opts = Options(temperature, softcap, ignore_index, want_entropy, want_sum, process_group, fp32_weight_grad)
     logprob, lse, entropy, ssum = ChunkedStats.apply(x.contiguous(), weight.contiguous(), bias, targets, opts)
     out = {"logprob": logprob, "lse": lse}
@@ -150,9 +74,10 @@ def _token_stats(backend, x, weight, targets, bias, temperature, softcap, ignore
     return out
 
 
-def linear_logprobs(x, weight, targets, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100,
-                    return_lse=False, return_entropy=False, process_group=None, fp32_weight_grad=False,
-                    impl="auto"):
+def linear_logprobs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias: torch.Tensor | None = None,
+                    temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+                    return_lse: bool = False, return_entropy: bool = False, process_group: ProcessGroup | None = None,
+                    fp32_weight_grad: bool = False, impl: str = "auto") -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Log-probability of each target token without materialising the logits.
 
     Args:
@@ -182,9 +107,12 @@ def linear_logprobs(x, weight, targets, *, bias=None, temperature=1.0, softcap=N
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def linear_token_loss(x, weight, targets, loss_fn, *, aux=None, bias=None, temperature=1.0, softcap=None,
-                      ignore_index=-100, with_entropy=False, with_sum=False, return_stats=False,
-                      process_group=None, fp32_weight_grad=False, impl="auto"):
+def linear_token_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
+                      aux: dict[str, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
+                      temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+                      with_entropy: bool = False, with_sum: bool = False, return_stats: bool = False,
+                      process_group: ProcessGroup | None = None, fp32_weight_grad: bool = False,
+                      impl: str = "auto") -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum over tokens of a token-local loss of the per-token statistics, in one pass over
     the vocabulary for forward and backward together.
 
@@ -235,7 +163,6 @@ def linear_token_loss(x, weight, targets, loss_fn, *, aux=None, bias=None, tempe
             record["entropy"] = stats.entropy
         record = {name: t.detach() for name, t in record.items()}
     else:
-        from .linear_logprobs_triton import FusedTokenLoss, Options
         opts = Options(temperature, softcap, ignore_index, with_entropy, with_sum, process_group, fp32_weight_grad)
         total, *values = FusedTokenLoss.apply(x.contiguous(), weight.contiguous(), bias, targets, loss_fn,
                                               tuple(aux), opts, *aux.values())
@@ -253,9 +180,13 @@ def _cross_entropy_loss(stats, weights=None, *, label_smoothing, z_loss, vocab):
     return loss if weights is None else loss * weights
 
 
-def linear_cross_entropy(x, weight, targets, *, bias=None, weights=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0, return_lse=False,
-                         process_group=None, fp32_weight_grad=False, impl="auto"):
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, softcap: float | None = None, temperature: float = 1.0,
+                         return_lse: bool = False, process_group: ProcessGroup | None = None,
+                         fp32_weight_grad: bool = False,
+                         impl: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``softcap(x @ weight.T + bias) / temperature`` against ``targets``,
     equal in value and gradients to ``F.cross_entropy`` on those logits (same
     ``ignore_index``, ``label_smoothing`` and ``reduction``), plus ``z_loss * lse**2`` per

@@ -27,15 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import triton
-import triton.language as tl
 
-from ._dispatch import interpreting
-from .linear_logprobs import TokenStats, evaluate_loss, vocab_sizes, zero_ignored
+from .token_stats import TokenStats, evaluate_loss, vocab_offset, zero_ignored
+from .triton_base import empty, interpreting, tl, triton
 
 CHUNK_BUDGET = 0.2  # chunk logits buffer <= this fraction of the bytes of dx + dW
 MIN_CHUNK_ROWS = 128
-POISON = False  # tests: fill every buffer with NaN before the kernels write it
 
 
 @triton.jit
@@ -159,7 +156,7 @@ class _Problem:
         self.n, self.v = x.shape[0], weight.shape[0]
         group = opts.process_group
         if vocab_start is None:  # a host all-gather under vocab parallelism: once per op call
-            vocab_start = sum(vocab_sizes(self.v, group)[: dist.get_rank(group)]) if group is not None else 0
+            vocab_start = vocab_offset(self.v, group) if group is not None else 0
         self.vocab_start = vocab_start
         self.valid = targets != opts.ignore_index
         self.rows = chunk_rows(self.n, self.v, x.shape[1], x.element_size())
@@ -175,7 +172,7 @@ class _Problem:
     def logits(self, start, end):
         """Raw logits x[start:end] @ weight.T into the reused chunk buffer."""
         if self._buf is None:
-            self._buf = _empty((min(self.rows, self.n), self.v), self.x)
+            self._buf = empty((min(self.rows, self.n), self.v), self.x.dtype, self.x.device)
         z = self._buf[: end - start]
         torch.mm(self.x[start:end], self.weight.t(), out=z)
         return z
@@ -228,7 +225,7 @@ class _Problem:
 
     def new_grads(self, need_x, need_w, need_b):
         w_dtype = torch.float32 if self.opts.fp32_weight_grad else self.weight.dtype
-        dx = _empty(self.x.shape, self.x) if need_x else None
+        dx = empty(self.x.shape, self.x.dtype, self.x.device) if need_x else None
         dw = torch.zeros(self.weight.shape, dtype=w_dtype, device=self.weight.device) if need_w else None
         db = torch.zeros(self.v, dtype=torch.float32, device=self.x.device) if need_b else None
         return dx, dw, db
@@ -249,11 +246,6 @@ class _Problem:
         if db is not None:
             db = db.to(self.bias.dtype)
         return dx, dw, db
-
-
-def _empty(shape, like):
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    return out.fill_(float("nan")) if POISON else out
 
 
 def _addmm_into(acc, a, b):

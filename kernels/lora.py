@@ -1,7 +1,8 @@
 """LoRA projections: ``y = x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T``.
 
-This module holds the public ops, their argument checks and the torch reference backend
-(``impl="torch"``), which defines the semantics; the Triton backend is in ``lora_triton.py``.
+This module holds the public ops, their argument checks, the autograd Function of the
+Triton backend and the torch reference backend (``impl="torch"``), which defines the
+semantics; the Triton kernels and launchers are in ``lora_triton.py`` and ``lowrank_gemm.py``.
 
 Adapter layout (PEFT's, with no transposes): ``lora_a`` [r, in] is PEFT's
 ``lora_A.weight``, ``lora_b`` [out, r] is ``lora_B.weight`` and ``scale`` is PEFT's
@@ -28,7 +29,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve_impl
+from .dispatch import resolve_impl
+from .lora_triton import dropout_mask, lora_bwd, lora_fwd, lora_multi_fwd
+from .triton_base import unit_last_stride
 
 _BACKENDS = ("triton", "torch")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -44,8 +47,6 @@ def lora_dropout_mask(shape, p: float, seed: int, *, device="cpu", impl: str = "
     dropout probability ``p`` and ``seed``."""
     shape = tuple(shape)
     if impl == "triton":
-        from .lora_triton import dropout_mask
-
         return dropout_mask(shape, p, seed, torch.device(device))
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.rand(shape, generator=gen, device=device) >= p
@@ -146,7 +147,28 @@ def _check_multi(x, weight, lora_a, lora_b, scales, adapter_ids):
 # public ops
 
 
-def lora_linear(x, weight, lora_a, lora_b, scale, *, bias=None, dropout=0.0, dropout_seed=None, impl="auto"):
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x @ W.T + bias + scale * (dropout(x) @ A.T) @ B.T on 2-D x; saves x and the
+    [N, r] float32 xa (and the dropout seed, never a mask)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, a, b, bias, scale: float, p: float, seed: int):
+        x = unit_last_stride(x)
+        y, xa = lora_fwd(x, weight, a, b, bias, scale, p, seed)
+        ctx.save_for_backward(x, weight, a, b, xa)
+        ctx.args = (scale, p, seed)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, a, b, xa = ctx.saved_tensors
+        grads = lora_bwd(unit_last_stride(dy), x, weight, a, b, xa, *ctx.args, ctx.needs_input_grad[:5])
+        return (*grads, None, None, None)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *,
+                bias: torch.Tensor | None = None, dropout: float = 0.0, dropout_seed: int | None = None,
+                impl: str = "auto") -> torch.Tensor:
     """A linear layer with one LoRA adapter, as PEFT's ``lora.Linear`` computes it.
 
     ``y = x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T``
@@ -186,14 +208,14 @@ def lora_linear(x, weight, lora_a, lora_b, scale, *, bias=None, dropout=0.0, dro
                                  dropout_seed=dropout_seed)
     if x.dtype == torch.float64:
         raise ValueError("lora_linear: impl='triton' takes fp32, bf16 or fp16 x, got float64 (use impl='torch')")
-    from .lora_triton import LoRALinearFunction
-
     x2 = x.reshape(-1, x.shape[-1])
     y = LoRALinearFunction.apply(x2, weight, lora_a, lora_b, bias, scale, dropout, dropout_seed or 0)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def lora_linear_multi(x, weight, lora_a, lora_b, scales, adapter_ids, *, bias=None, impl="auto"):
+def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      scales: torch.Tensor, adapter_ids: torch.Tensor, *, bias: torch.Tensor | None = None,
+                      impl: str = "auto") -> torch.Tensor:
     """A linear layer serving several LoRA adapters at once, one adapter per token
     (multi-tenant inference, as punica / S-LoRA do).
 
@@ -228,8 +250,6 @@ def lora_linear_multi(x, weight, lora_a, lora_b, scales, adapter_ids, *, bias=No
                            "(or use lora_linear for training one adapter)")
     if x.dtype == torch.float64:
         raise ValueError("lora_linear_multi: impl='triton' takes fp32, bf16 or fp16 x, got float64 (use impl='torch')")
-    from .lora_triton import lora_multi_fwd
-
     x2 = x.reshape(-1, x.shape[-1])
     y = lora_multi_fwd(x2, weight, lora_a, lora_b, scales, adapter_ids.reshape(-1), bias)
     return y.view(*x.shape[:-1], weight.shape[0])

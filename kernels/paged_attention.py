@@ -23,15 +23,13 @@ from the cache plus the new ones as ``k``/``v`` with ``cu_seqlens_k`` longer tha
 ``cu_seqlens_q`` (bottom-right causal alignment). Then decode step by step: append the
 new token's k/v, then ``paged_attention``.
 """
-import functools
-
 import torch
 
-from ._dispatch import on_device, resolve_impl
-from .varlen_attention_triton import _LOG2E, _block_d, _tanh, check_triton_device, tl, triton, triton_interpreted
+from .dispatch import check_triton_device, on_device, resolve_impl
+from .triton_base import (TRITON_DTYPES, attention_scores, dot_block, dot_precision, interpreting, online_softmax_step,
+                          sm_count, tl, triton, unit_last_stride)
 
 _BACKENDS = ("triton", "torch")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.heuristics({
@@ -86,19 +84,9 @@ def _paged_attn_fwd_kernel(
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(KCache + k_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(VCache + v_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HAS_SOFTCAP:
-            s = _tanh(qk * (sm_scale / softcap)) * (softcap * _LOG2E)
-        else:
-            s = qk * (sm_scale * _LOG2E)
+        s, _ = attention_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), sm_scale, softcap, HAS_SOFTCAP)
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
     if SINGLE_SPLIT:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_ptrs = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
@@ -157,16 +145,11 @@ def _append_kv_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_kh, stride_
 # Launchers
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _decode_config(head_dim: int, dtype: torch.dtype) -> dict:
     """TODO(H100): autotune BLOCK_N in {32, 64, 128}, num_warps in {2, 4, 8}, num_stages in
     {2, 3, 4}. The kernel is bound by reading the cache (and by the block-table gather for
     small blocks), so the tile mainly sets the number of loads in flight."""
-    if triton_interpreted():
+    if interpreting():
         return dict(BLOCK_N=16, num_warps=1, num_stages=1)
     if head_dim > 128 or dtype == torch.float32:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)
@@ -185,7 +168,7 @@ def _default_num_splits(batch: int, num_kv_heads: int, max_context: int, device:
     if device.type != "cuda":  # the interpreter
         target = 8
     else:
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        target = 2 * sm_count(device)
     wanted = triton.cdiv(target, max(1, batch * num_kv_heads))
     return max(1, min(wanted, triton.cdiv(max_context, _min_keys(device)), 64))
 
@@ -198,7 +181,7 @@ def paged_attention_fwd(
     """Triton decode attention (arguments as in ``paged_attention``); ``num_splits`` overrides
     the split-K heuristic, ``out`` [B, Hq, D] may be given to write into."""
     check_triton_device("paged_attention", q)
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    q = unit_last_stride(q)
     batch, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     max_blocks = block_table.shape[1]
@@ -217,7 +200,7 @@ def paged_attention_fwd(
         part_acc = torch.empty(batch, hq, num_splits, d, dtype=torch.float32, device=q.device)
         part_m = torch.empty(batch, hq, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty(batch, hq, num_splits, dtype=torch.float32, device=q.device)
-    block_d = _block_d(d)
+    block_d = dot_block(d)
     with on_device(q.device):
         _paged_attn_fwd_kernel[(batch * hkv, num_splits)](
             q, k_cache, v_cache, block_table, seq_lens, out, part_acc, part_m, part_l,
@@ -225,8 +208,8 @@ def paged_attention_fwd(
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
             hkv, hq // hkv, d, block_size, max_blocks, min_keys,
-            SINGLE_SPLIT=single, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_D=block_d, **cfg,
+            SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), BLOCK_H=dot_block(hq // hkv), BLOCK_D=block_d,
+            **cfg,
         )
         if not single:
             _paged_attn_combine_kernel[(batch * hq,)](
@@ -238,7 +221,7 @@ def paged_attention_fwd(
 
 def append_kv_triton(k_cache, v_cache, k, v, slot_mapping) -> None:
     check_triton_device("append_kv", k)
-    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    k, v = unit_last_stride(k), unit_last_stride(v)
     t, hkv, d = k.shape
     if t == 0:
         return
@@ -355,11 +338,11 @@ def paged_attention(
         softmax_scale = d ** -0.5
     opts = dict(softmax_scale=float(softmax_scale), window=window, softcap=None if softcap is None else float(softcap))
     backend = resolve_impl("paged_attention", impl, q, _BACKENDS)
-    if impl == "auto" and q.dtype not in _TRITON_DTYPES:
+    if impl == "auto" and q.dtype not in TRITON_DTYPES:
         backend = "torch"
     if backend == "triton":
-        if q.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"paged_attention: impl='triton' supports q in {_TRITON_DTYPES}, got {q.dtype}")
+        if q.dtype not in TRITON_DTYPES:
+            raise ValueError(f"paged_attention: impl='triton' supports q in {TRITON_DTYPES}, got {q.dtype}")
         return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, **opts)
     return paged_attention_torch(q, k_cache, v_cache, block_table, seq_lens, **opts)
 

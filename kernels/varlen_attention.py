@@ -3,7 +3,8 @@
 Sequences are concatenated along the token axis with no padding; ``cu_seqlens`` holds
 their boundaries. Backends behind one signature:
 
-- ``"triton"``: FlashAttention-2 style kernels in ``varlen_attention_triton.py``. Forward: one program per
+- ``"triton"``: FlashAttention-2 style kernels in ``varlen_attention_triton.py`` (forward) and
+  ``varlen_attention_bwd_triton.py`` (backward). Forward: one program per
   (sequence, query head, block of BLOCK_M queries), online softmax in float32 over blocks
   of BLOCK_N keys, key blocks wholly outside the causal/window band skipped, and the mask
   only evaluated on blocks that cut the band. Backward: ``delta = rowsum(dO * O)``, then a
@@ -21,8 +22,10 @@ reference on CPU.
 """
 import torch
 
-from ._dispatch import resolve_impl
-from .varlen_attention_triton import _TRITON_DTYPES, VarlenAttentionFunction
+from .dispatch import resolve_impl
+from .triton_base import TRITON_DTYPES
+from .varlen_attention_bwd_triton import varlen_attention_bwd
+from .varlen_attention_triton import varlen_attention_fwd
 
 _BACKENDS = ("triton", "flash_attn", "torch")
 
@@ -149,6 +152,29 @@ def varlen_attention_torch(
     return out, lse
 
 
+class VarlenAttentionFunction(torch.autograd.Function):
+    """Triton forward/backward. Gradients flow through ``out`` only; ``lse`` is returned as
+    a non-differentiable tensor (its gradient is never needed by the model or the losses)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window,
+                softcap):
+        opts = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap)
+        out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, **opts)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.opts, ctx.max_seqlen = opts, (max_seqlen_q, max_seqlen_k)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen,
+                                          **ctx.opts)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -196,13 +222,13 @@ def varlen_attention(
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     backend = resolve_impl("varlen_attention", impl, q, _BACKENDS)
-    if impl == "auto" and backend == "triton" and q.dtype not in _TRITON_DTYPES:
+    if impl == "auto" and backend == "triton" and q.dtype not in TRITON_DTYPES:
         backend = "torch"
     opts = dict(causal=causal, softmax_scale=float(softmax_scale), window=window,
                 softcap=None if softcap is None else float(softcap))
     if backend == "triton":
-        if q.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"varlen_attention: impl='triton' supports q/k/v in {_TRITON_DTYPES}, got {q.dtype}")
+        if q.dtype not in TRITON_DTYPES:
+            raise ValueError(f"varlen_attention: impl='triton' supports q/k/v in {TRITON_DTYPES}, got {q.dtype}")
         out, lse = VarlenAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                  causal, opts["softmax_scale"], window, opts["softcap"])
     elif backend == "flash_attn":

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels.lora_triton as lora_triton
+import kernels.lowrank_gemm as lowrank_gemm
 from kernels import lora_dropout_mask, lora_linear, lora_linear_multi, pack_lora_adapters
 
 pytestmark = pytest.mark.gpu
@@ -27,7 +28,7 @@ def _eager(x, w, a, b, bias, scale):
     (1000, 1536, 8960, 8, True),
 ])
 def test_bf16_within_twice_torch_error(monkeypatch, n, k, m, r, bias, gemm):
-    monkeypatch.setattr(lora_triton, "GEMM", gemm)
+    monkeypatch.setattr(lowrank_gemm, "GEMM", gemm)
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(n, k, device="cuda", generator=g).bfloat16().requires_grad_()
@@ -73,7 +74,7 @@ def test_trainable_weight_and_fp32_adapters():
 def test_dropout_matches_regenerated_mask(monkeypatch, gemm):
     """float32 on the GPU (true float32 products): the output and gradients equal the
     formula under the mask lora_dropout_mask regenerates, and the mask keeps 1 - p."""
-    monkeypatch.setattr(lora_triton, "GEMM", gemm)
+    monkeypatch.setattr(lowrank_gemm, "GEMM", gemm)
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(2)
     n, k, m, r, p = 3000, 1000, 1200, 8, 0.2

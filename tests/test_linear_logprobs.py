@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import kernels.linear_logprobs_triton as lce_triton
+import kernels.triton_base as triton_base
 from kernels import TokenStats, linear_cross_entropy, linear_logprobs, linear_token_loss
 
 N, H, V = 37, 24, 3001  # no multiple of any block size
@@ -21,7 +22,7 @@ def small_chunks(monkeypatch):
     backend allocates, so a row or tile the kernels forget to write shows up as NaN."""
     monkeypatch.setattr(lce_triton, "CHUNK_BUDGET", 1e-6)
     monkeypatch.setattr(lce_triton, "MIN_CHUNK_ROWS", 16)
-    monkeypatch.setattr(lce_triton, "POISON", True)
+    monkeypatch.setattr(triton_base, "POISON", True)
 
 
 def _inputs(dtype=torch.float32, bias=False, n_ignored=5, seed=0):
@@ -71,8 +72,11 @@ def test_logprobs_lse_entropy(bias, softcap, temperature, impl):
     assert torch.all(got[0][~valid] == 0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+# "sum" runs the very kernels of "mean" (the host only leaves the per-token weights undivided
+# by the token count): the Triton backend runs "mean" and "none" (the two-pass path), and
+# the scaling of "sum" is checked on the torch backend, whose host code it shares.
+@pytest.mark.parametrize("reduction, impl", [("mean", "torch"), ("sum", "torch"), ("none", "torch"),
+                                             ("mean", "triton"), ("none", "triton")])
 @pytest.mark.parametrize("label_smoothing, z_loss, bias, softcap, temperature", [
     (0.0, 0.0, False, None, 1.0), (0.1, 0.0, True, None, 1.0), (0.0, 1e-3, False, 5.0, 0.8), (0.2, 1e-2, True, 2.0, 1.5),
 ])
@@ -155,17 +159,41 @@ def test_no_grad_and_frozen_weight(impl):
     torch.testing.assert_close(gx.double(), torch.autograd.grad(ref, (x,))[0].double(), rtol=1e-4, atol=1e-6)
 
 
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(dtype, impl):
+    """bf16/fp16 inputs: logprobs and the gradients of x and weight (for a random upstream)
+    against float64, within twice the error of torch's own computation in that dtype (the
+    logits of a matmul in the dtype, log_softmax in float32), as STYLE.md asks."""
     x, w, _, t = _inputs(dtype=dtype, seed=3)
-    lp = linear_logprobs(x, w, t, impl=impl)
-    ref = torch.log_softmax(_scores64(x, w, None, None, 1.0), -1).gather(1, t.clamp_min(0)[:, None])[:, 0]
-    # The Triton backend rounds the logits to the input dtype, as torch's own matmul does.
-    tol = 1e-5 if impl == "torch" else 5e-2
-    torch.testing.assert_close(lp.double(), torch.where(t != -100, ref, 0.0), rtol=tol, atol=tol)
-    gx, gw = torch.autograd.grad(lp.sum(), (x, w))
-    assert gx.dtype == dtype and gw.dtype == dtype
+    valid = t != -100
+    up = torch.randn(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def with_grads(lp, a, b, upstream):
+        return (lp, *torch.autograd.grad((lp * upstream).sum(), (a, b)))
+
+    def picked(logp):
+        return torch.where(valid, logp.gather(1, t.clamp_min(0)[:, None])[:, 0], 0.0)
+
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    truth = with_grads(picked(torch.log_softmax(x64 @ w64.t(), -1)), x64, w64, up)
+    eager = with_grads(picked(torch.log_softmax((x @ w.t()).float(), -1)), x, w, up.float())
+    ours = with_grads(linear_logprobs(x, w, t, impl=impl), x, w, up.float())
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype and ours[2].dtype == dtype
+    if impl == "torch":  # float32 logits: the logprobs carry float32 rounding only
+        torch.testing.assert_close(ours[0].double(), truth[0], rtol=1e-5, atol=1e-5)
+    # The Triton backend rounds the logits to the input dtype, as torch's matmul does, and
+    # stores dL/dz in it. The interpreter truncates float32 -> bf16 where the GPU rounds to
+    # nearest, which doubles that rounding's error: its bf16 gradients measure 1.7-2.0x
+    # torch's (fp16 ones 1.0-1.25x), so 3x for them there; 2x everywhere else, as on the GPU.
+    grad_factor = 3 if impl == "triton" and dtype == torch.bfloat16 and triton_base.interpreting() else 2
+    for name, got, ref, tr in zip(("logprob", "dx", "dW"), ours, eager, truth):
+        err, err_eager = _rel_err(got, tr), _rel_err(ref, tr)
+        assert err <= (2 if name == "logprob" else grad_factor) * err_eager + 1e-6, (name, err, err_eager)
 
 
 def test_fp32_weight_grad_accumulation():

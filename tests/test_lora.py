@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import kernels.lora_triton as lora_triton
+import kernels.lowrank_gemm as lowrank_gemm
+import kernels.triton_base as triton_base
 from engine.models import (PackedBatch, add_lora, load_model, load_peft_lora, lora_state_dict_to_peft, peft_config,
                            save_peft_lora, set_adapter_stack)
 from kernels import lora_dropout_mask, lora_linear, lora_linear_multi, pack_lora_adapters
@@ -17,7 +19,7 @@ HAS_PEFT = importlib.util.find_spec("peft") is not None
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     """Every output buffer the Triton backend allocates starts as NaN."""
-    monkeypatch.setattr(lora_triton, "POISON", True)
+    monkeypatch.setattr(triton_base, "POISON", True)
 
 
 def _tensor(g, *shape, scale=1.0, dtype=torch.float32, grad=False):
@@ -152,7 +154,7 @@ def test_low_precision_within_twice_torch_error(dtype, lora_dtype):
 def test_fused_gemm_epilogue(monkeypatch, gemm, r, bias, p, dtype, tiles, features):
     """The Triton GEMM that adds the rank-r term in its epilogue (forward y, backward dx)
     instead of cuBLAS adding the base onto a pre-written term: same results."""
-    monkeypatch.setattr(lora_triton, "GEMM", gemm)
+    monkeypatch.setattr(lowrank_gemm, "GEMM", gemm)
     monkeypatch.setattr(lora_triton, "TEST_BLOCKS", tiles)
     x, w, a, b, bias = _lora_inputs(r, bias=bias, dtype=dtype, train_weight=True, seed=6, features=features)
     y = lora_linear(x, w, a, b, 0.6, bias=bias, dropout=p, dropout_seed=21, impl="triton")

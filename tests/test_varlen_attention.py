@@ -141,7 +141,8 @@ def test_triton_matches_dense(lens_q, lens_k, hq, hkv, d, causal, window, softca
 def test_triton_writes_every_row():
     """The launchers write into NaN-poisoned buffers: every row of every sequence is
     written (including queries that see no key) and the rows past cu_seqlens[-1] are zero."""
-    from kernels.varlen_attention_triton import varlen_attention_bwd, varlen_attention_fwd
+    from kernels.varlen_attention_bwd_triton import varlen_attention_bwd
+    from kernels.varlen_attention_triton import varlen_attention_fwd
 
     lens_q, lens_k, tail = [4, 19, 1], [2, 19, 6], 5  # sequence 0: two queries see no key
     q, k, v = _random_problem(lens_q, lens_k, 4, 2, 24, tail=tail)
@@ -204,7 +205,7 @@ def test_triton_backend_errors(monkeypatch):
     cu = _cu([6])
     with pytest.raises(ValueError, match="impl='triton' supports"):
         varlen_attention(q, q, q, cu, cu, 6, 6, impl="triton")
-    monkeypatch.setattr(va, "triton_interpreted", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         va.varlen_attention_fwd(q.float(), q.float(), q.float(), cu, cu, 6, causal=True, softmax_scale=1.0,
                                 window=None, softcap=None)
@@ -225,9 +226,10 @@ def test_flash_attn_backend_missing():
 def test_triton_unequal_tiles(monkeypatch, tiles):
     """The GPU configurations use BLOCK_M != BLOCK_N; the block-range arithmetic must not
     assume square tiles."""
-    va = importlib.import_module("kernels.varlen_attention_triton")
     block_m, block_n = tiles
-    monkeypatch.setattr(va, "_config", lambda *a: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1, num_stages=1))
+    for module in ("kernels.varlen_attention_triton", "kernels.varlen_attention_bwd_triton"):  # forward, backward
+        monkeypatch.setattr(importlib.import_module(module), "config",
+                            lambda *a: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1, num_stages=1))
     lens_q, lens_k, window = [70, 5, 33], [75, 5, 40], 37
     q, k, v = _random_problem(lens_q, lens_k, 2, 1, 16)
     for causal, win in ((True, window), (True, None), (False, window)):

@@ -71,16 +71,13 @@ JITFunction.run = _compile_instead_of_run
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
-import kernels._dispatch as dispatch  # noqa: E402
+import kernels.dispatch as dispatch  # noqa: E402
+import kernels.lowrank_gemm as lowrank_gemm  # noqa: E402
 
-dispatch.interpreting = lambda: True  # let impl="triton" take CPU tensors: nothing runs
-import kernels.lora_triton as lora_triton  # noqa: E402
-
-lora_triton.interpreting = lambda: False  # but pick the GPU tiles and dot precisions
-for module in ("kernels.varlen_attention_triton", "kernels.paged_attention", "kernels.fused_ops"):
-    mod = sys.modules.get(module) or __import__(module, fromlist=["_"])
-    if hasattr(mod, "check_triton_device"):
-        mod.check_triton_device = lambda op, x: None
+# Let impl="triton" take CPU tensors (nothing runs): the device gates (dispatch.resolve_impl
+# and dispatch.check_triton_device) read dispatch's own name; the launchers' tile and
+# precision choices read triton_base.interpreting, which stays False: the GPU's.
+dispatch.interpreting = lambda: True
 
 
 def attempt(name, fn):
@@ -128,17 +125,17 @@ def lora():
             b = torch.randn(96, r, dtype=dtype, requires_grad=True)
             attempt(f"lora {dtype} r={r}", lambda: kernels.lora_linear(x, w, a, b, 0.5, dropout=0.1,
                                                                         impl="triton").sum().backward())
-        configs = lora_triton._GEMM_CONFIGS
-        lora_triton.GEMM = "fused"  # the GEMM with the rank-r epilogue, in every tile config
+        configs = lowrank_gemm.CONFIGS
+        lowrank_gemm.GEMM = "fused"  # the GEMM with the rank-r epilogue, in every tile config
         for config in configs if dtype == torch.bfloat16 else configs[:1]:
-            lora_triton._GEMM_CONFIGS = (config,)
+            lowrank_gemm.CONFIGS = (config,)
             for p, bias in ((0.0, torch.randn(96, dtype=dtype)), (0.1, None)):
                 x = torch.randn(32, 64, dtype=dtype, requires_grad=True)
                 a = torch.randn(16, 64, dtype=dtype, requires_grad=True)
                 b = torch.randn(96, 16, dtype=dtype, requires_grad=True)
                 attempt(f"lora fused {config}", lambda: kernels.lora_linear(
                     x, torch.randn(96, 64, dtype=dtype), a, b, 0.5, bias=bias, dropout=p, impl="triton").sum().backward())
-        lora_triton.GEMM, lora_triton._GEMM_CONFIGS = None, configs
+        lowrank_gemm.GEMM, lowrank_gemm.CONFIGS = None, configs
         ids = torch.tensor([0, -1, 1] * 10 + [1, 0], dtype=torch.int32)
         attempt(f"lora_multi {dtype}", lambda: kernels.lora_linear_multi(
             torch.randn(32, 64, dtype=dtype), torch.randn(96, 64, dtype=dtype), torch.randn(2, 16, 64, dtype=dtype),

@@ -1,11 +1,13 @@
 """Backend selection shared by every op: ``impl="auto"`` picks Triton on CUDA tensors
-and the torch reference on CPU tensors (DESIGN.md, "Kernels: contract of one op")."""
+and the torch reference on CPU tensors (DESIGN.md, "Kernels: contract of one op"); and the
+device checks and launch context of the Triton launchers."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
+
+from .triton_base import HAVE_TRITON, interpreting
 
 
 def resolve_impl(op: str, impl: str, x: torch.Tensor, available: tuple[str, ...]) -> str:
@@ -29,15 +31,21 @@ def resolve_impl(op: str, impl: str, x: torch.Tensor, available: tuple[str, ...]
     return impl
 
 
+def check_triton_device(op: str, x: torch.Tensor) -> None:
+    """Raise a clear error instead of letting triton fail on a tensor it cannot launch on
+    (for launchers called directly, past :func:`resolve_impl`)."""
+    if x.is_cuda or interpreting():
+        return
+    raise RuntimeError(
+        f"{op}: impl='triton' needs CUDA tensors (got a tensor on {x.device}); on CPU use impl='torch', or set "
+        "TRITON_INTERPRET=1 before triton is first imported to run the kernels under the Triton interpreter"
+    )
+
+
 def on_device(device: torch.device):
     """The context a launcher runs its kernels in: ``torch.cuda.device(device)`` on CUDA
     (kernels launch on the tensor's GPU, not the current one), nothing elsewhere."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run under the interpreter (CPU tensors, for tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def backend_usable(name: str) -> bool:
@@ -48,11 +56,7 @@ def _why_unusable(name: str) -> str | None:
     if name == "torch":
         return None
     if name == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "triton is not installed"
-        return None
+        return None if HAVE_TRITON else "triton is not installed"
     if name == "flash_attn":
         try:
             import flash_attn  # noqa: F401

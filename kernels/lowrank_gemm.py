@@ -1,0 +1,179 @@
+"""A GEMM with a low-rank term in its epilogue: ``C = P @ Q + scale * lo @ rt (* dropout
+keep-mask / (1 - p)) + bias``, written once. The "fused" scheme of LoRA's base GEMMs
+(``lora_triton.py``): the forward's ``y = x @ W.T + scale * xa @ B.T + bias`` and the
+backward's ``dx = dy @ W + scale * (dyB @ A) * mask / (1 - p)``.
+
+``_gemm_lowrank_kernel`` loads its tiles through pointers; ``_gemm_lowrank_tma_kernel``
+through TMA descriptors, when the tensors are aligned for them. Either adds the rank-r
+term as one more MMA into its accumulator before the single store of C (the dropout mask
+regenerated in its epilogue): two full passes over C fewer than cuBLAS adding the base onto
+a pre-written term (the pre-write and its read-back, in each direction), if the Triton GEMM
+keeps up with cuBLAS. Whether it does is timed per shape class on the first call
+(:func:`pick_gemm`), against the caller's cuBLAS path.
+"""
+from __future__ import annotations
+
+import torch
+
+from .triton_base import cast, dot, dot_block, dot_mode, dropout_keep, tl, triton
+
+# Base GEMM + rank-r term: "fused" (one Triton GEMM writes y / dx with the term in its
+# epilogue; "fused-tma" with TMA loads) or "cublas" (a Triton kernel pre-writes the term,
+# cuBLAS adds the base with beta=1). None: on the first call of each shape class, time the
+# cuBLAS scheme and every fused config and keep the fastest (CUDA, bf16/fp16); the
+# interpreter and float32 take "cublas". Tests and benchmarks force one.
+GEMM: str | None = None
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, TMA loads)
+CONFIGS = ((128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, False), (128, 128, 64, 8, 4, False),
+           (128, 128, 64, 4, 4, False), (128, 256, 64, 8, 3, True), (128, 128, 64, 8, 4, True))
+_PICKS: dict = {}  # shape class -> "cublas" or a config of CONFIGS
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in grouped order: GROUP_M row tiles in a row
+    share the column tiles of Q in L2, as in Triton's matmul tutorial."""
+    pid = tl.program_id(0)
+    width = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _lowrank_epilogue(acc, pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr,
+                      stride_cm, M, N, R, scale, seed, p, inv_keep,
+                      HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + scale * lo @ rt (* keep-mask / (1 - p)) + bias, stored once into C. Without
+    dropout the low-rank product is one more MMA into acc; with it, a product of its own,
+    masked (the mask acts on the adapter path only)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (rows % M).to(tl.int64)  # rows / columns past the end read in-range data, never stored
+    rn = (cols % N).to(tl.int64)
+    dtype = c_ptr.dtype.element_ty
+    rr = tl.arange(0, BLOCK_R)
+    lo = tl.load(lo_ptr + rm[:, None] * stride_lm + rr[None, :], mask=(rr < R)[None, :], other=0.0).to(tl.float32)
+    rt = cast(tl.load(rt_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=(rr < R)[:, None], other=0.0),
+              dtype, PREC)
+    if HAS_DROPOUT:
+        low = dot(cast(lo, dtype, PREC), rt, None, PREC)
+        keep = dropout_keep(seed, p, rows, pid_n * BLOCK_N, N, BLOCK_N)
+        acc += tl.where(keep, low * (scale * inv_keep), 0.0)
+    else:
+        acc = dot(cast(lo * scale, dtype, PREC), rt, acc, PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], cast(acc, dtype, PREC),
+             mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _gemm_lowrank_kernel(p_ptr, stride_pm, stride_pk, q_ptr, stride_qk, stride_qn, lo_ptr, stride_lm,
+                         rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr, stride_cm,
+                         M, N, K, R, scale, seed, p, inv_keep,
+                         HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
+                         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = P @ Q + scale * lo @ rt (* dropout keep-mask / (1 - p)) + bias, written once.
+
+    P [M, K] and Q [K, N] in C's dtype (any strides), lo [M, >= R] (xa or dyB) and rt
+    [R, N] (B.T or A, any strides), padded with zeros to BLOCK_R. The rank-r term costs no
+    pass over C: the forward's y and the backward's dx are written once instead of
+    pre-written and read back by cuBLAS."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # Out-of-range rows / columns load in-range data (wrapped) and are never stored: only K
+    # needs a mask in the loop.
+    rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    p_ptrs = p_ptr + rm[:, None] * stride_pm + rk[None, :] * stride_pk
+    q_ptrs = q_ptr + rk[:, None] * stride_qk + rn[None, :] * stride_qn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(p_ptrs)
+            b = tl.load(q_ptrs)
+        else:
+            a = tl.load(p_ptrs, mask=(k0 + rk < K)[None, :], other=0.0)
+            b = tl.load(q_ptrs, mask=(k0 + rk < K)[:, None], other=0.0)
+        acc = dot(a, b, acc, PREC)
+        p_ptrs += BLOCK_K * stride_pk
+        q_ptrs += BLOCK_K * stride_qk
+    _lowrank_epilogue(acc, pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr, stride_cm,
+                      M, N, R, scale, seed, p, inv_keep, HAS_BIAS, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+@triton.jit
+def _gemm_lowrank_tma_kernel(p_desc, q_desc, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr,
+                             stride_cm, M, N, K, R, scale, seed, p, inv_keep,
+                             Q_ROWS_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                             PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """_gemm_lowrank_kernel with the P and Q tiles loaded through TMA descriptors (Hopper's
+    copy engine fills shared memory; out-of-range elements read as zero). Q_ROWS_N: Q's
+    descriptor is over Q.T ([N, K] in memory, as W in the forward), its tiles transposed
+    for the MMA."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = p_desc.load([pid_m * BLOCK_M, k0])
+        if Q_ROWS_N:
+            b = q_desc.load([pid_n * BLOCK_N, k0]).T
+        else:
+            b = q_desc.load([k0, pid_n * BLOCK_N])
+        acc = dot(a, b, acc, PREC)
+    _lowrank_epilogue(acc, pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr, stride_cm,
+                      M, N, R, scale, seed, p, inv_keep, HAS_BIAS, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need unit last strides and 16-byte aligned bases and row strides."""
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in tensors)
+
+
+def gemm_lowrank(p_op: torch.Tensor, q_op: torch.Tensor, lo: torch.Tensor, rt: torch.Tensor, r: int, scale: float,
+                 bias: torch.Tensor | None, out: torch.Tensor, seed: int, p: float, config: tuple) -> None:
+    """out [M, N] = p_op [M, K] @ q_op [K, N] + scale * lo @ rt[:r] (dropout-masked when
+    p > 0) + bias; q_op and rt may be transposed views. config: (BM, BN, BK, warps,
+    stages, tma), one of CONFIGS or smaller tiles."""
+    m, k = p_op.shape
+    n = q_op.shape[1]
+    bm, bn, bk, warps, stages, tma = config
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    common = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, PREC=dot_mode(out.dtype), BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_K=bk, BLOCK_R=dot_block(r), GROUP_M=8, num_warps=warps, num_stages=stages)
+    tail = (lo, lo.stride(0), rt, rt.stride(0), rt.stride(1), bias if bias is not None else out, out, out.stride(0),
+            m, n, k, r, scale, seed, p, 1.0 / (1.0 - p))
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        rows_n = q_op.stride(0) == 1  # q_op is the transpose of a row-major [N, K] tensor
+        q_mem = q_op.t() if rows_n else q_op
+        _gemm_lowrank_tma_kernel[grid](
+            TensorDescriptor.from_tensor(p_op, [bm, bk]),
+            TensorDescriptor.from_tensor(q_mem, [bn, bk] if rows_n else [bk, bn]), *tail, Q_ROWS_N=rows_n, **common)
+    else:
+        _gemm_lowrank_kernel[grid](p_op, p_op.stride(0), p_op.stride(1), q_op, q_op.stride(0), q_op.stride(1), *tail,
+                                   EVEN_K=k % bk == 0, **common)
+
+
+def pick_gemm(kind: str, out: torch.Tensor, k: int, r_pad: int, flags: tuple, tma: bool, runs) -> object:
+    """"cublas" or a fused config for this shape class. ``runs(choice)`` performs the
+    product with that choice (it overwrites ``out`` only). Timed once per class on CUDA:
+    every fused config (the TMA ones when ``tma``) against the cuBLAS path, with
+    triton.testing.do_bench."""
+    if GEMM is not None:
+        return {"cublas": "cublas", "fused": CONFIGS[0], "fused-tma": CONFIGS[-1]}[GEMM]
+    if not out.is_cuda or out.dtype == torch.float32:
+        return "cublas"
+    m, n = out.shape
+    key = (kind, triton.next_power_of_2(m), n, k, r_pad, out.dtype, out.device.index, flags, tma)
+    pick = _PICKS.get(key)
+    if pick is None:
+        configs = [c for c in CONFIGS if tma or not c[5]]
+        times = {c: triton.testing.do_bench(lambda c=c: runs(c), warmup=5, rep=25) for c in ("cublas", *configs)}
+        pick = _PICKS[key] = min(times, key=times.get)
+    return pick
