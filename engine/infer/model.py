@@ -114,11 +114,8 @@ class InferenceModel:
         shares them). Future of the new version. Sequences in flight keep their cached
         keys/values; tokens sampled after the update use the new weights."""
         fut = Future()
-        with self._lock:
-            if self._closed:
-                fut._set_exception(RuntimeError("InferenceModel is closed"))
-            else:
-                self._inbox.put(("update", state_dict, fut))
+        if not self._queue(("update", state_dict, fut)):
+            fut._set_exception(RuntimeError("InferenceModel is closed"))
         return fut
 
     def run_between_steps(self, fn) -> Future:
@@ -126,10 +123,8 @@ class InferenceModel:
         future of its result. A trainer sharing this model's weights runs its work this way,
         so a decode step never sees half-updated weights."""
         fut = Future()
-        with self._lock:
-            if not self._closed:
-                self._inbox.put(("call", fn, fut))
-                return fut
+        if self._queue(("call", fn, fut)):
+            return fut
         self._thread.join()  # closed: no step will run again, so fn runs here
         try:
             fut._set_result(fn())
@@ -166,12 +161,41 @@ class InferenceModel:
         except Exception as e:  # noqa: BLE001 - handed to the caller's future
             fut._set_exception(e)
             return fut
-        self._inbox.put(("request", req))
+        if not self._queue(("request", req)):
+            fut._set_exception(RuntimeError("InferenceModel is closed"))
         return fut
+
+    def _queue(self, item: tuple) -> bool:
+        """Queue ``item`` for the engine thread unless the engine is closed (False): checked
+        and queued under the lock, so nothing is queued after close's own message."""
+        with self._lock:
+            if not self._closed:
+                self._inbox.put(item)
+                return True
+        return False
 
     # ------------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
+        """Serve until closed; then, or if the thread fails, fail every future not answered
+        (admitted, waiting for an adapter, or still queued) and close the executor."""
+        err = RuntimeError("InferenceModel was closed")
+        try:
+            self._serve()
+        except BaseException as e:
+            err = RuntimeError(f"the inference engine stopped: {e!r}\n{traceback.format_exc()}")
+            raise
+        finally:
+            with self._lock:
+                self._closed = True
+            self._core.fail_all(err)
+            while not self._inbox.empty():
+                item = self._inbox.get_nowait()
+                if item[0] != "close":
+                    (item[1].future if item[0] == "request" else item[2])._set_exception(err)
+            self._core.executor.close()
+
+    def _serve(self) -> None:
         core = self._core
         while True:
             waiting = bool(core.adapters.waiting)  # polled: a slot frees when a request ends
@@ -184,19 +208,16 @@ class InferenceModel:
                 if item[0] != "request":
                     core.drain()  # commands run with no step in flight
                 if item[0] == "close":
-                    core.fail_all(RuntimeError("InferenceModel was closed"))
-                    core.executor.close()
                     return
                 self._handle(item)
                 try:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = None
-            core.admit()
-            if not core.busy:
-                continue
             try:
-                core.step()
+                core.admit()
+                if core.busy:
+                    core.step()
             except Exception as e:  # noqa: BLE001 - a bug must not kill the server
                 core.fail_all(RuntimeError(f"inference step failed: {e!r}\n{traceback.format_exc()}"))
 
