@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from engine.infer.scheduler import as_token_ids
 from engine.infer.types import Future  # noqa: F401 - re-exported: one future type for training and sampling
 
 
@@ -23,7 +24,8 @@ class ModelInput:
 
     @classmethod
     def from_ints(cls, tokens: Sequence[int]) -> "ModelInput":
-        return cls([int(t) for t in tokens])
+        """Ints only: a float (even 2.0) or a bool is refused, never truncated."""
+        return cls(as_token_ids(tokens, where="tokens"))
 
     def to_ints(self) -> list[int]:
         return list(self.tokens)
@@ -37,22 +39,16 @@ class ModelInput:
 
 
 def as_ints(model_input: Any, *, where: str = "model_input") -> list[int]:
-    """Token ids of a ModelInput, a Tinker ModelInput (``to_ints`` or ``chunks``), or a sequence."""
-    if hasattr(model_input, "to_ints"):
-        return [int(t) for t in model_input.to_ints()]
-    if hasattr(model_input, "chunks"):
-        out = []
+    """Token ids of a ModelInput, a Tinker ModelInput (``to_ints`` or ``chunks``), or a
+    sequence: ints only (``as_token_ids``: a float, even 2.0, is refused, never truncated)."""
+    if hasattr(model_input, "chunks") and not hasattr(model_input, "to_ints"):
         for chunk in model_input.chunks:
             if not hasattr(chunk, "tokens"):
                 raise ValueError(f"{where}: chunk of type {type(chunk).__name__} has no tokens (only text chunks are supported)")
-            out += [int(t) for t in chunk.tokens]
-        return out
-    if isinstance(model_input, torch.Tensor):
-        return [int(t) for t in model_input.reshape(-1).tolist()]
-    if isinstance(model_input, (list, tuple, np.ndarray)):
-        return [int(t) for t in model_input]
-    raise ValueError(f"{where} must be a ModelInput, a list of token ids or an object with to_ints(), "
-                     f"got {type(model_input).__name__}")
+    elif not isinstance(model_input, (list, tuple, np.ndarray, torch.Tensor)) and not hasattr(model_input, "to_ints"):
+        raise ValueError(f"{where} must be a ModelInput, a list of token ids or an object with to_ints(), "
+                         f"got {type(model_input).__name__}")
+    return as_token_ids(model_input, where=where)
 
 
 def as_tensor(value: Any, *, where: str) -> torch.Tensor:

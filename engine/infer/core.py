@@ -6,11 +6,12 @@
 1. ``model.py InferenceModel.sample`` checks the arguments and builds the request
    (``scheduler.py Request.create``: token ids, stop ids or strings, one seed per
    sample), returns its Future and queues the request for the engine thread.
-2. ``model.py InferenceModel._loop`` (engine thread) hands it to ``EngineCore.add``: it
-   waits in ``adapters.py AdapterSlots.waiting`` until ``EngineCore.admit`` finds its
-   adapter a slot (loading it on every rank: ``runner.py StepRunner.set_adapters`` ->
-   ``AdapterSlots.install``, which drops the CUDA graphs). It then joins the scheduler as
-   one leader sequence (``Request.leader``) that prefills the prompt for every sample.
+2. ``model.py InferenceModel._serve`` (engine thread) hands it to ``EngineCore.add``: it
+   waits in ``adapters.py AdapterSlots.waiting`` until ``EngineCore.admit`` binds it to
+   the current version of its adapter, in a slot (a version read from the folder once and
+   loaded on every rank: ``runner.py StepRunner.set_adapters`` -> ``AdapterSlots.install``,
+   which drops the CUDA graphs). It then joins the scheduler as one leader sequence
+   (``Request.leader``) that prefills the prompt for every sample.
 3. ``EngineCore.step``: ``scheduler.py Scheduler.schedule`` packs it into a step (a chunk
    of its prompt, later one token per step), allocating KV-cache blocks, preempting the
    newest sequence when none are free.
@@ -112,7 +113,7 @@ class EngineCore:
         spec = StepSpec(chunks=[], copies=self.scheduler.copies)
         self.scheduler.copies = []
         slots = self.adapters
-        if slots.paths:
+        if slots.keys:
             spec.adapter_ids = []
         scored, owners, zero = [], [], []
         stats, placeholders = self.stats, self._placeholders
@@ -121,7 +122,7 @@ class EngineCore:
             req, tokens, first = seq.req, seq.tokens, seq.num_cached
             spec.chunks.append((tokens[first:first + n], first, seq.blocks))
             if spec.adapter_ids is not None:
-                spec.adapter_ids.append(slots.slot(req.adapter))
+                spec.adapter_ids.append(slots.slot(req))
             # A token still on the device (sampled by the step in flight): fed from its draws.
             fed = placeholders.get(seq)
             if fed is not None and first <= fed[0] < first + n:
@@ -287,6 +288,6 @@ class EngineCore:
                 self._shapes = Transformer(self.config)
         return self._shapes
 
-    def _install_adapters(self, paths: list[str]) -> None:
+    def _install_adapters(self, keys: list, new: dict) -> None:
         self.drain()  # the step in flight may still read the old stacks
-        self.executor.set_adapters(paths)
+        self.executor.set_adapters(keys, new)

@@ -13,6 +13,7 @@ import itertools
 import queue
 import threading
 import traceback
+from numbers import Real
 from typing import Iterable
 
 import torch
@@ -45,7 +46,9 @@ class InferenceModel:
         max_adapters: slots of the adapter pool (requests naming more distinct adapters at
             once wait for a slot).
         adapter: PEFT adapter folder served to requests that name none (a sampling client
-            of a trained adapter).
+            of a trained adapter); read and checked here, so a bad one fails the construction.
+            A request is served the version of its adapter's files current when it is
+            admitted, to its end (adapters.py: an adapter re-saved to its folder is reloaded).
         use_cuda_graphs: on CUDA, replay captured graphs for decode-only steps, with or
             without per-request adapters (cuda_graphs.py; each graph captured on the first
             step of its batch size). Ignored elsewhere and, for now, under tensor parallelism.
@@ -55,15 +58,24 @@ class InferenceModel:
                  tokenizer=None, block_size: int = 16, kv_cache_tokens: int | None = None,
                  gpu_memory_fraction: float = 0.9, max_adapters: int = 16, adapter=None,
                  use_cuda_graphs: bool = True, tp: int = 1):
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive int (tokens per step), got {max_batch_size!r}")
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ValueError(f"tp must be a positive int, got {tp!r}")
+        sizes = dict(max_batch_size=max_batch_size, tp=tp, block_size=block_size, max_adapters=max_adapters,
+                     kv_cache_tokens=1 if kv_cache_tokens is None else kv_cache_tokens)
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(gpu_memory_fraction, Real) or not 0 < gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction!r}")
         executor = open_executor(model_or_path, tp=tp, dtype=dtype, device=device, max_batch_size=max_batch_size,
                                  block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                                  gpu_memory_fraction=gpu_memory_fraction, use_cuda_graphs=use_cuda_graphs)
         self._core = EngineCore(executor, max_batch_size=max_batch_size, max_adapters=max_adapters,
                                 tokenizer=tokenizer)
+        if adapter is not None:
+            try:
+                adapter = self._core.adapters.check(adapter)
+            except Exception:
+                executor.close()  # a tensor-parallel pool of our own ends here too
+                raise
         self.config = executor.config
         local = isinstance(executor, LocalExecutor)
         self.tp = 1 if local else executor.tp
@@ -89,10 +101,11 @@ class InferenceModel:
 
     # ------------------------------------------------------------------ public API
 
-    def sample(self, prompt, num_samples: int = 1, sampling_params: SamplingParams | None = None, *,
+    def sample(self, prompt, num_samples: int = 1, sampling_params: SamplingParams | dict | None = None, *,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, adapter=None) -> Future:
         """Future of a :class:`SampleResponse` with ``num_samples`` continuations of ``prompt``
-        (list of ids, or an object with ``to_ints()``); ``adapter``: a PEFT adapter folder."""
+        (list of ids, or an object with ``to_ints()``); ``sampling_params``: a SamplingParams
+        or a dict of its fields; ``adapter``: a PEFT adapter folder."""
         return self._submit(prompt, num_samples, sampling_params or SamplingParams(), adapter,
                             include_prompt_logprobs=include_prompt_logprobs, topk_prompt_logprobs=topk_prompt_logprobs)
 
@@ -114,11 +127,8 @@ class InferenceModel:
         shares them). Future of the new version. Sequences in flight keep their cached
         keys/values; tokens sampled after the update use the new weights."""
         fut = Future()
-        with self._lock:
-            if self._closed:
-                fut._set_exception(RuntimeError("InferenceModel is closed"))
-            else:
-                self._inbox.put(("update", state_dict, fut))
+        if not self._queue(("update", state_dict, fut)):
+            fut._set_exception(RuntimeError("InferenceModel is closed"))
         return fut
 
     def run_between_steps(self, fn) -> Future:
@@ -126,10 +136,8 @@ class InferenceModel:
         future of its result. A trainer sharing this model's weights runs its work this way,
         so a decode step never sees half-updated weights."""
         fut = Future()
-        with self._lock:
-            if not self._closed:
-                self._inbox.put(("call", fn, fut))
-                return fut
+        if self._queue(("call", fn, fut)):
+            return fut
         self._thread.join()  # closed: no step will run again, so fn runs here
         try:
             fut._set_result(fn())
@@ -166,12 +174,41 @@ class InferenceModel:
         except Exception as e:  # noqa: BLE001 - handed to the caller's future
             fut._set_exception(e)
             return fut
-        self._inbox.put(("request", req))
+        if not self._queue(("request", req)):
+            fut._set_exception(RuntimeError("InferenceModel is closed"))
         return fut
+
+    def _queue(self, item: tuple) -> bool:
+        """Queue ``item`` for the engine thread unless the engine is closed (False): checked
+        and queued under the lock, so nothing is queued after close's own message."""
+        with self._lock:
+            if not self._closed:
+                self._inbox.put(item)
+                return True
+        return False
 
     # ------------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
+        """Serve until closed; then, or if the thread fails, fail every future not answered
+        (admitted, waiting for an adapter, or still queued) and close the executor."""
+        err = RuntimeError("InferenceModel was closed")
+        try:
+            self._serve()
+        except BaseException as e:
+            err = RuntimeError(f"the inference engine stopped: {e!r}\n{traceback.format_exc()}")
+            raise
+        finally:
+            with self._lock:
+                self._closed = True
+            self._core.fail_all(err)
+            while not self._inbox.empty():
+                item = self._inbox.get_nowait()
+                if item[0] != "close":
+                    (item[1].future if item[0] == "request" else item[2])._set_exception(err)
+            self._core.executor.close()
+
+    def _serve(self) -> None:
         core = self._core
         while True:
             waiting = bool(core.adapters.waiting)  # polled: a slot frees when a request ends
@@ -184,19 +221,16 @@ class InferenceModel:
                 if item[0] != "request":
                     core.drain()  # commands run with no step in flight
                 if item[0] == "close":
-                    core.fail_all(RuntimeError("InferenceModel was closed"))
-                    core.executor.close()
                     return
                 self._handle(item)
                 try:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = None
-            core.admit()
-            if not core.busy:
-                continue
             try:
-                core.step()
+                core.admit()
+                if core.busy:
+                    core.step()
             except Exception as e:  # noqa: BLE001 - a bug must not kill the server
                 core.fail_all(RuntimeError(f"inference step failed: {e!r}\n{traceback.format_exc()}"))
 

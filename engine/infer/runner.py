@@ -150,6 +150,7 @@ class StepRunner:
         self.cache = KVCache.for_model(model, block_size=block_size, num_tokens=kv_cache_tokens,
                                        gpu_fraction=gpu_memory_fraction)
         self.graphs = None
+        self.adapters: dict = {}  # the adapter versions of the slots (AdapterSlots.install)
         # Capturing collectives in a graph is left to a later change: graphs at tp=1 only.
         if use_cuda_graphs and self.device.type == "cuda" and group is None:
             max_blocks = min(self.cache.num_blocks, self.cache.blocks_needed(model.config.max_position_embeddings))
@@ -205,8 +206,8 @@ class StepRunner:
             done.record()
         return LaunchedStep(prompt=spec.prompt, outputs=out, done=done, draws=tok)
 
-    def set_adapters(self, slots: list[str]) -> None:
-        AdapterSlots.install(self.model, self.graphs, slots)
+    def set_adapters(self, keys: list, new: dict) -> None:
+        self.adapters = AdapterSlots.install(self.model, self.graphs, self.adapters, keys, new)
 
     @torch.no_grad()
     def copy_weights(self, items: list[tuple[str, torch.Tensor]]) -> None:
@@ -248,8 +249,8 @@ class LocalExecutor:
     def launch(self, spec: StepSpec, after: LaunchedStep | None = None) -> LaunchedStep:
         return self.runner.launch(spec, after)
 
-    def set_adapters(self, slots: list[str]) -> None:
-        self.runner.set_adapters(slots)
+    def set_adapters(self, keys: list, new: dict) -> None:
+        self.runner.set_adapters(keys, new)
 
     def copy_weights(self, items) -> None:
         self.runner.copy_weights(items)
@@ -308,8 +309,8 @@ class SPMDExecutor(_Synchronous):
     def step(self, spec: StepSpec) -> StepResult:
         return self._call("step", spec)
 
-    def set_adapters(self, slots: list[str]) -> None:
-        self._call("set_adapters", slots)
+    def set_adapters(self, keys: list, new: dict) -> None:
+        self._call("set_adapters", keys, new)
 
     def copy_weights(self, items) -> None:
         self._call("copy_weights", [(n, v.detach().cpu()) for n, v in items])
@@ -353,8 +354,8 @@ class TPExecutor(_Synchronous):
     def step(self, spec: StepSpec) -> StepResult:
         return self.pool.run(_on_rank, "step", spec)[0]
 
-    def set_adapters(self, slots: list[str]) -> None:
-        self.pool.run(_on_rank, "set_adapters", slots)
+    def set_adapters(self, keys: list, new: dict) -> None:
+        self.pool.run(_on_rank, "set_adapters", keys, new)
 
     def copy_weights(self, items) -> None:
         self.pool.run(_on_rank, "copy_weights", [(n, v.detach().cpu()) for n, v in items])

@@ -25,6 +25,7 @@ import bisect
 import random
 import time
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,10 @@ from .sampling import derive_seed
 from .types import Future, SampledSequence, SamplingParams
 
 
-def as_token_ids(prompt: Any) -> list[int]:
+def as_token_ids(prompt: Any, where: str = "prompt") -> list[int]:
     """A prompt as a list of ints: a list of ids, a tensor, or an object with ``to_ints()``
-    or ``chunks`` (Tinker's ModelInput)."""
+    or ``chunks`` (Tinker's ModelInput). Anything but an integer (a float, even 2.0, a bool)
+    is refused, never truncated; ``where`` names the argument in the error."""
     if hasattr(prompt, "to_ints"):
         prompt = prompt.to_ints()
     elif hasattr(prompt, "chunks"):
@@ -45,13 +47,37 @@ def as_token_ids(prompt: Any) -> list[int]:
     if isinstance(prompt, torch.Tensor):
         prompt = prompt.reshape(-1).tolist()
     if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__"):
-        raise ValueError(f"prompt must be a list of token ids or an object with to_ints(), got {type(prompt).__name__}")
+        raise ValueError(f"{where} must be a list of token ids or an object with to_ints(), "
+                         f"got {type(prompt).__name__}")
     out = []
     for t in prompt:
         if isinstance(t, bool) or not hasattr(t, "__index__"):
-            raise ValueError(f"prompt holds {t!r}, not a token id")
+            raise ValueError(f"{where} holds {t!r}, not a token id (an int)")
         out.append(t.__index__())
     return out
+
+
+def as_sampling_params(params: Any) -> SamplingParams:
+    """``sampling_params`` as given: a SamplingParams (or an object with its fields, such as
+    Tinker's), or a dict of its fields, as Tinker's SDK accepts."""
+    if isinstance(params, dict):
+        unknown = sorted(set(params) - set(SamplingParams.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"sampling_params has no field {unknown[0]!r}; its fields: "
+                             f"{', '.join(SamplingParams.__dataclass_fields__)}")
+        return SamplingParams(**params)
+    if not all(hasattr(params, f) for f in SamplingParams.__dataclass_fields__):
+        raise ValueError(f"sampling_params must be a SamplingParams or a dict of its fields, got "
+                         f"{type(params).__name__}")
+    return params
+
+
+def resolve_adapter(adapter) -> str:
+    """The resolved folder of a PEFT adapter given as a path."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter {str(adapter)!r}: no such folder (expected a PEFT adapter folder)")
+    return str(path.resolve())
 
 
 @dataclass(eq=False)  # identity: requests and sequences are looked up in lists
@@ -69,6 +95,7 @@ class Request:
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     adapter: str | None = None
+    adapter_key: tuple | None = None  # (folder, stamp) of the adapter version it is bound to (adapters.py)
     logprobs_only: bool = False  # compute_logprobs: resolve with prompt_logprobs
     results: list = field(default_factory=list)
     prompt_logprobs: list | None = None
@@ -94,6 +121,7 @@ class Request:
         ``adapter``: a PEFT folder (resolved here); the seed of sample i is derived from
         ``params.seed`` (a fresh one when None)."""
         tokens = as_token_ids(prompt)
+        p = as_sampling_params(params)
         if not tokens:
             raise ValueError("prompt is empty; it needs at least one token")
         vocab = config.vocab_size
@@ -102,7 +130,6 @@ class Request:
             raise ValueError(f"prompt holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        p = params
         if not isinstance(p.max_tokens, int) or p.max_tokens < 0:
             raise ValueError(f"sampling_params.max_tokens must be a non-negative int, got {p.max_tokens!r}")
         ctx = config.max_position_embeddings
@@ -112,9 +139,9 @@ class Request:
         if len(tokens) + p.max_tokens > capacity_tokens:
             raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({p.max_tokens}) exceeds the KV cache "
                              f"({capacity_tokens} tokens); raise kv_cache_tokens")
-        if not p.temperature >= 0:
+        if not isinstance(p.temperature, Real) or not p.temperature >= 0:
             raise ValueError(f"sampling_params.temperature must be >= 0, got {p.temperature!r}")
-        if not 0 < p.top_p <= 1:
+        if not isinstance(p.top_p, Real) or not 0 < p.top_p <= 1:
             raise ValueError(f"sampling_params.top_p must be in (0, 1], got {p.top_p!r}")
         if not isinstance(p.top_k, int):
             raise ValueError(f"sampling_params.top_k must be an int (-1: all), got {p.top_k!r}")
@@ -125,16 +152,17 @@ class Request:
         stop_strings = tuple(s for s in stops if isinstance(s, str))
         if len(stop_ids) + len(stop_strings) != len(stops):
             raise ValueError(f"sampling_params.stop must hold token ids or strings, got {p.stop!r}")
+        if "" in stop_strings:
+            raise ValueError(f"sampling_params.stop holds an empty string, which every output contains, got {p.stop!r}")
         if stop_strings and tokenizer is None:
             raise ValueError("sampling_params.stop holds strings but this model has no tokenizer; pass token ids")
+        if p.seed is not None and (isinstance(p.seed, bool) or not hasattr(p.seed, "__index__")):
+            raise ValueError(f"sampling_params.seed must be an int or None, got {p.seed!r}")
         if adapter is not None:
-            path = Path(adapter)
-            if not path.is_dir():
-                raise FileNotFoundError(f"adapter {str(adapter)!r}: no such folder (expected a PEFT adapter folder)")
-            adapter = str(path.resolve())
-        seed = p.seed if p.seed is not None else random.getrandbits(63)
+            adapter = resolve_adapter(adapter)
+        seed = p.seed.__index__() if p.seed is not None else random.getrandbits(63)
         return cls(id=id, prompt=tokens, num_samples=num_samples, params=p, stop_ids=stop_ids,
-                   stop_strings=stop_strings, seeds=[derive_seed(int(seed), i) for i in range(num_samples)],
+                   stop_strings=stop_strings, seeds=[derive_seed(seed, i) for i in range(num_samples)],
                    future=future, include_prompt_logprobs=include_prompt_logprobs,
                    topk_prompt_logprobs=topk_prompt_logprobs, adapter=adapter, logprobs_only=logprobs_only,
                    submitted=time.perf_counter())

@@ -16,11 +16,11 @@ class SamplingParams:
     top_k: keep the k most likely tokens (-1 or 0: all).
     top_p: then keep the smallest set of most likely tokens whose probability (after
         top-k, renormalised) reaches top_p (1.0: all).
-    stop: token ids (ints), or strings when the model has a tokenizer; generation ends
-        after emitting a stop token (kept in the output) with stop_reason "stop". None
-        means only max_tokens ends a sequence (EOS is not special).
-    seed: makes the sampled tokens reproducible, independently of what else runs in the
-        same batch; None draws a fresh seed per request.
+    stop: token ids (ints), or non-empty strings when the model has a tokenizer;
+        generation ends after emitting a stop token (kept in the output) with stop_reason
+        "stop". None means only max_tokens ends a sequence (EOS is not special).
+    seed: an int; makes the sampled tokens reproducible, independently of what else runs
+        in the same batch; None draws a fresh seed per request.
     """
 
     max_tokens: int = 16

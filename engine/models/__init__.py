@@ -10,8 +10,8 @@ from .checkpoint import CheckpointError, load_weights, read_config, weight_map
 from .config import ConfigError, LlamaConfig, MistralConfig, ModelConfig, Qwen2Config, Qwen3Config
 from .lora import LoRAConfig, LoRALinear, add_lora
 from .packing import PackedBatch
-from .peft import (adapter_tensors, load_peft_lora, lora_state_dict_to_peft, peft_config, read_peft_adapter,
-                   save_peft_lora, set_adapter_stack)
+from .peft import (adapter_stamp, adapter_tensors, load_peft_lora, lora_state_dict_to_peft, peft_config,
+                   read_peft_adapter, read_peft_snapshot, save_peft_lora, set_adapter_stack)
 from .transformer import Transformer
 
 _REGISTRY: dict[str, Callable[[dict], ModelConfig]] = {}
@@ -79,7 +79,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device=Non
 
 __all__ = [
     "CheckpointError", "ConfigError", "LlamaConfig", "LoRAConfig", "LoRALinear", "MistralConfig", "ModelConfig",
-    "PackedBatch", "Qwen2Config", "Qwen3Config", "Transformer", "adapter_tensors", "add_lora", "build_model",
-    "load_config", "load_model", "load_peft_lora", "lora_state_dict_to_peft", "parse_config", "peft_config",
-    "read_peft_adapter", "register", "save_peft_lora", "set_adapter_stack", "supported_model_types", "weight_map",
+    "PackedBatch", "Qwen2Config", "Qwen3Config", "Transformer", "adapter_stamp", "adapter_tensors", "add_lora",
+    "build_model", "load_config", "load_model", "load_peft_lora", "lora_state_dict_to_peft", "parse_config",
+    "peft_config", "read_peft_adapter", "read_peft_snapshot", "register", "save_peft_lora", "set_adapter_stack",
+    "supported_model_types", "weight_map",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -105,6 +106,9 @@ def read_peft_adapter(source, config: dict | None = None) -> tuple[dict[str, tor
         state = source
     else:
         raise ValueError(f"source must be a PEFT adapter folder or a state dict, got {type(source).__name__}")
+    for key, value in state.items():  # one NaN would make every token the adapter serves NaN
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"PEFT adapter: {key} holds NaN or inf values")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter_config: peft_type {config.get('peft_type')!r} is not LORA")
     for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False),
@@ -126,6 +130,43 @@ def read_peft_adapter(source, config: dict | None = None) -> tuple[dict[str, tor
     lora = LoRAConfig(rank, float(config.get("lora_alpha", 8)), peft_targets(targets),
                       float(config.get("lora_dropout", 0.0)), bool(config.get("use_rslora", False)))
     return state, lora
+
+
+def adapter_stamp(folder: str | Path) -> tuple[int, ...]:
+    """What tells one saved version of a PEFT adapter folder from the next: the inode,
+    modification time (ns) and size of its two files (a save that replaces a file by rename,
+    as ``save_peft_lora`` does, changes the inode even within one clock tick)."""
+    stamp = []
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        try:
+            st = os.stat(Path(folder) / name)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{folder}: no {name} (a PEFT LoRA adapter folder holds {ADAPTER_CONFIG} "
+                                    f"and {ADAPTER_WEIGHTS})") from None
+        stamp += (st.st_ino, st.st_mtime_ns, st.st_size)
+    return tuple(stamp)
+
+
+def read_peft_snapshot(folder: str | Path, attempts: int = 5) -> tuple[dict[str, torch.Tensor], dict, tuple]:
+    """(state dict, adapter_config dict, ``adapter_stamp``) of one version of a PEFT adapter
+    folder that may be re-saved while it is read: both files are read into memory between
+    two equal stamps (retried while they differ), so the pair is never half old, half new."""
+    from safetensors.torch import load
+
+    folder = Path(folder)
+    for _ in range(attempts):
+        before = adapter_stamp(folder)
+        try:
+            config = json.loads((folder / ADAPTER_CONFIG).read_text())
+            state = load((folder / ADAPTER_WEIGHTS).read_bytes())
+        except Exception:  # noqa: BLE001 - a file caught mid-write: read again if it changed
+            if adapter_stamp(folder) == before:
+                raise
+        else:
+            if adapter_stamp(folder) == before:
+                return state, config, before
+        time.sleep(0.05)  # a writer is at work: give it a moment
+    raise RuntimeError(f"{folder}: the adapter kept changing while it was read ({attempts} attempts)")
 
 
 def adapter_tensors(model, state, lora: LoRAConfig):
