@@ -377,7 +377,7 @@ def test_stale_temporaries_are_removed_on_save_and_load(llama, tmp_path):
         stale_dir.mkdir(exist_ok=True)
         (stale_dir / ".tmpQx7b2a").write_bytes(b"\0" * 8)
 
-    live = folder / f".state.json.engine-tmp-{os.getpid()}"  # a writer that is still running
+    live = folder / f".state.json.engine-tmp-{os.getppid()}"  # a writer that is still running
     foreign = folder / ".tmpforeign"  # not the engine's
     plant()
     live.write_text("{")

@@ -45,6 +45,13 @@ def write_text(path: Path, text: str) -> None:
     _commit(tmp, path)
 
 
+def copy_file(source: Path, path: Path) -> None:
+    """Copy ``source`` over ``path`` at once."""
+    tmp = temporary(path)
+    shutil.copyfile(source, tmp)
+    _commit(tmp, path)
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """``safetensors.torch.save_file`` under a temporary folder, then renamed into place."""
     from safetensors.torch import save_file
