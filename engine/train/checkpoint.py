@@ -86,21 +86,25 @@ def writable_folder(folder: Path) -> Path:
 
 
 def agree(trainer, error: BaseException | None) -> None:
-    """Raise on every rank if any rank failed. Each rank ran the same checks, none of them a
-    collective, before this (the first collective), so the ranks stay alike: all go on, or
-    all raise the same error naming the rank(s) that failed."""
+    """Raise on every rank if any rank failed, so the ranks stay alike: all go on, or all
+    raise the same error naming the rank(s) that failed. Every rank calls it; what may fail
+    before it must not skip a collective (check, agree, then act)."""
     if trainer.group is None:
         if error is not None:
             raise error
         return
-    mine = None if error is None else (type(error), str(error))
+    mine = None
+    if error is not None:  # a builtin type whose constructor takes one message travels; others are named
+        cls = type(error)
+        plain = cls.__module__ == "builtins" and issubclass(cls, (ValueError, OSError))
+        mine = (cls, str(error)) if plain else (RuntimeError, f"{cls.__name__}: {error}")
     everyone = [None] * dist.get_world_size(trainer.group)
     dist.all_gather_object(everyone, mine, group=trainer.group)
     failed = [(rank, got) for rank, got in enumerate(everyone) if got is not None]
     if not failed:
         return
     kinds = {cls for _, (cls, _) in failed}
-    cls = kinds.pop() if len(kinds) == 1 and issubclass(next(iter(kinds)), (ValueError, OSError)) else RuntimeError
+    cls = kinds.pop() if len(kinds) == 1 else RuntimeError
     raise cls("; ".join(f"rank {rank}: {text}" for rank, (_, text) in failed)) from error
 
 
@@ -167,8 +171,9 @@ def read_marker(path: Path, sig: dict) -> tuple[Path, dict]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{where}: no such folder (give a folder written by save_state)")
     if not (folder / MARKER).is_file():
-        raise ValueError(f"{where} has no {MARKER} commit marker: not a state written by save_state, or its save "
-                         "was interrupted before it committed")
+        older = " (its state.safetensors is of an older format)" if (folder / "state.safetensors").is_file() else ""
+        raise ValueError(f"{where} has no {MARKER} commit marker: not a state written by save_state{older}, or its "
+                         "save was interrupted before it committed")
     try:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError) as e:
@@ -272,15 +277,13 @@ def save_for_sampler(trainer, source: Path, folder: Path) -> Path:
     Under tensor parallelism every rank gathers and rank 0 writes; the ranks then agree."""
     writer = _layout(trainer)[1] == 0
     error = None
-    try:
-        if writer:
-            writable_folder(folder)
+    try:  # every rank gathers first; only then can the writer fail
         if trainer.lora:
             save_peft_lora(trainer.model, folder, write=writer)
         else:
             state = full_state(trainer.model)
             if writer:
-                write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
+                write_safetensors(writable_folder(folder) / "model.safetensors", state, {"format": "pt"})
         if writer and not trainer.lora:
             config = json.loads((source / "config.json").read_text())
             write_text(folder / "config.json", json.dumps(config, indent=2))
@@ -291,6 +294,8 @@ def save_for_sampler(trainer, source: Path, folder: Path) -> Path:
             write_safetensors(folder / "value_head.safetensors",
                               {"weight": trainer.value_head.weight, "bias": trainer.value_head.bias},
                               {"format": "pt"})
+        if writer:
+            remove_stale_temporaries(folder)  # of an export that crashed here before
     except Exception as e:  # noqa: BLE001 - agreed on below
         error = e
     agree(trainer, error)

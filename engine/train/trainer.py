@@ -5,7 +5,8 @@ optimizer. It takes data already normalised by the API layer (token lists and fl
 CPU tensors per datum) and returns plain tensors and floats, so the same code runs in the
 caller's process (tp=1) and in a WorkerPool rank.
 
-Host syncs: one ``.tolist()`` per call at the end (metrics), none per micro-batch.
+Host syncs: one ``.tolist()`` per call at the end (metrics), none per micro-batch; one per
+``optim_step`` (the gradient norm, which decides whether the step is taken).
 """
 from __future__ import annotations
 
@@ -170,11 +171,12 @@ class Trainer:
                    grad_clip_norm: float) -> dict:
         """One AdamW step. A non-finite gradient norm skips it (as mixed-precision trainers
         do): weights, optimizer state and step counter stay, the gradient is dropped, and
-        ``skipped_nonfinite_grad:sum`` says so. One host sync (the norm), as the metrics need."""
+        ``skipped_nonfinite_grad:sum`` says so."""
         check_hyperparameters(lr, beta1, beta2, eps, weight_decay, grad_clip_norm)
         params = [p for _, p in self.params]
         norm = self._grad_norm(params)
-        finite = bool(torch.isfinite(norm))
+        value = float(norm)  # the step's one host sync
+        finite = math.isfinite(value)
         if finite:
             if grad_clip_norm > 0 and self.group is None:
                 torch.nn.utils.clip_grads_with_norm_(params, grad_clip_norm, norm)  # = clip_grad_norm_
@@ -188,7 +190,7 @@ class Trainer:
             self.optimizer.step()
             self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "skipped_nonfinite_grad:sum": 0.0 if finite else 1.0,
+        return {"grad_norm": value, "skipped_nonfinite_grad:sum": 0.0 if finite else 1.0,
                 "step": float(self.step)}
 
 
