@@ -301,11 +301,12 @@ def test_load_state_is_strict_and_all_or_nothing(llama, tmp_path):
     src.optim_step(engine.AdamParams(1e-2)).result()
     saved = Path(src.save_state(tmp_path / "all").result())
 
-    qv = build(target_modules=["q_proj", "v_proj"])
-    weights, _, _ = _snapshot(qv)
-    with pytest.raises(ValueError, match="target"):
-        qv.load_state(str(saved)).result()
-    _assert_same_weights(qv, weights)
+    for other, match in ((build(target_modules=["q_proj", "v_proj"]), "target"),
+                         (engine.model(llama).with_adapter(rank=2, alpha=8).spawn_train(64), "rank 4")):
+        weights, _, _ = _snapshot(other)
+        with pytest.raises(ValueError, match=match):
+            other.load_state(str(saved)).result()
+        _assert_same_weights(other, weights)
 
     dst = build(alpha=8)  # a different starting point than src
     dst.forward_backward(data, "cross_entropy").result()
