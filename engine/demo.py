@@ -144,7 +144,7 @@ def run(device: str | None = None, steps: int = 300, out: str | None = None, see
         for p, a in list(zip(prompts, answers))[:3]:
             print(f"      {' '.join(map(str, p[1:-1]))}  ->  {' '.join('<eos>' if t == EOS else str(t) for t in a)}")
         print(f"      exact reversals: {exact:.0%}")
-        path = trainer.save_weights_for_sampler(out or str(Path(tmp) / "adapter")).result()
+        path = trainer.save_weights_for_sampler(Path(out or Path(tmp) / "adapter")).result()  # --out: a path as given
         files = sorted(p.name for p in Path(path).iterdir())
         print(f"      PEFT adapter saved to {path} ({', '.join(files)})")
         trainer.close()

@@ -124,7 +124,8 @@ class ModelBuilder:
     def spawn_train(self, max_batch_size: int, *, checkpoint_dir: str | Path = "checkpoints") -> TrainingModel:
         """Load the model for training. ``max_batch_size``: tokens per micro-batch (data are
         packed into micro-batches by first-fit-decreasing; the gradient is that of the whole
-        batch). ``checkpoint_dir``: where ``save_state(name)`` writes a bare name."""
+        batch). ``checkpoint_dir``: where ``save_state(name)`` writes a bare name (engine/api/training.py,
+        "Checkpoint names")."""
         dtype, device = self._check(max_batch_size)
         adapter = None
         if self._adapter is not None:

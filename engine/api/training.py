@@ -3,18 +3,28 @@
 Every method returns a :class:`Future` and runs on one worker thread per model, so calls
 execute in submission order (a ``forward_backward`` and an ``optim_step`` may both be
 submitted before waiting) and an exception lands in its future, leaving the model usable.
-Inputs are checked inside the call, so a bad datum fails its own future, not the caller.
+Inputs are checked inside the call, so a bad datum fails its own future, not the caller;
+they are checked before any rank sees them, so under tensor parallelism too only a dead
+rank ends the model.
+
+Checkpoint names: ``save_state(name)`` and ``save_weights_for_sampler(name)`` write a bare
+name (no ``/``) inside ``checkpoint_dir``; an explicit location is a ``pathlib.Path`` or an
+absolute path string, used as given; a relative path string with ``/``, any ``..``, an empty
+name and the root are refused. ``load_state`` takes what ``save_state`` returned (an absolute
+path), or a bare name, looked up inside ``checkpoint_dir``.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from engine.train import losses
-from engine.train.trainer import Trainer
+from engine.train import check_groups, losses
+from engine.train.trainer import Trainer, check_hyperparameters
 
 from .types import AdamParams, Future, ForwardBackwardOutput, OptimStepOutput, as_ints, as_tensor
 
@@ -25,7 +35,7 @@ class TrainingModel:
     def __init__(self, trainer: Trainer, *, source: Path, checkpoint_dir: Path, info: dict):
         self._trainer = trainer
         self._source = source
-        self._checkpoint_dir = checkpoint_dir
+        self._checkpoint_dir = Path(checkpoint_dir).absolute()  # names stay where they were meant
         self._info = info
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-train")
         self._sampler = None  # the sampling client sharing this model's weights
@@ -81,6 +91,10 @@ class TrainingModel:
                         raise ValueError(f"{where} holds token id {bad}, outside the vocabulary [0, {self._trainer.vocab})")
                 else:
                     t = t.float()
+                    bad = (~torch.isfinite(t)).nonzero()
+                    if len(bad):
+                        j = int(bad[0])
+                        raise ValueError(f"{where} holds {float(t[j])} at position {j}; every value must be finite")
                 inputs[key] = t
             out.append((tokens, inputs))
         return out
@@ -88,6 +102,7 @@ class TrainingModel:
     def _builtin(self, data, loss_fn, loss_fn_config, backward: bool) -> ForwardBackwardOutput:
         spec, _ = losses.resolve_loss(loss_fn, loss_fn_config, scoring=self._trainer.value_head is not None)
         prepared = self._prepare(data, spec.inputs, spec.defaults)
+        check_groups(len(prepared), spec.group)  # here, not on the ranks
         outputs, metrics = self._trainer.run(prepared, loss_fn, loss_fn_config, backward)
         return ForwardBackwardOutput(outputs, metrics)
 
@@ -111,40 +126,73 @@ class TrainingModel:
 
     def optim_step(self, adam_params: AdamParams) -> Future:
         """One AdamW step (torch.optim.AdamW with these hyperparameters) on the accumulated
-        gradients, after clipping their global norm when ``grad_clip_norm`` > 0; then zero them."""
+        gradients, after clipping their global norm when ``grad_clip_norm`` > 0; then zero them.
+        A hyperparameter AdamW cannot use (lr=inf, beta2=1, NaN, eps <= 0, ...) raises
+        ValueError naming it. A NaN or inf gradient norm skips the step (weights, optimizer
+        state and step counter unchanged, the gradient dropped, a RuntimeWarning, metric
+        ``skipped_nonfinite_grad:sum`` = 1); metrics ``grad_norm`` and ``step`` always."""
         def call():
-            p = adam_params
-            for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
-                if not hasattr(p, name):
+            names = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
+            for name in names:
+                if not hasattr(adam_params, name):
                     raise ValueError(f"adam_params must be an AdamParams, missing {name!r}")
-            if not p.learning_rate >= 0:
-                raise ValueError(f"adam_params.learning_rate must be >= 0, got {p.learning_rate!r}")
-            out = OptimStepOutput(self._trainer.optim_step(
-                float(p.learning_rate), float(p.beta1), float(p.beta2), float(p.eps), float(p.weight_decay),
-                float(p.grad_clip_norm or 0.0)))
-            if self._sampler is not None and not self._sampler.closed:  # its shared weights changed: new version
-                self._sampler.update_weights()
+            values = [getattr(adam_params, name) for name in names]
+            values[-1] = values[-1] or 0.0  # grad_clip_norm=None: no clipping
+            check_hyperparameters(*values)
+            out = OptimStepOutput(self._trainer.optim_step(*map(float, values)))
+            if out.metrics["skipped_nonfinite_grad:sum"]:
+                warnings.warn("optim_step skipped: the gradient norm is not finite; weights and optimizer state are "
+                              "unchanged and the gradient was dropped", RuntimeWarning, stacklevel=2)
+            else:
+                self._weights_changed()
             return out
         return self._submit(call)
 
-    def _path(self, name: str) -> Path:
-        if not isinstance(name, (str, Path)) or not str(name):
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
-        path = Path(name)
-        return path if path.is_absolute() or len(path.parts) > 1 else self._checkpoint_dir / path
+    def _weights_changed(self) -> None:
+        if self._sampler is not None and not self._sampler.closed:  # its shared weights changed: new version
+            self._sampler.update_weights()
 
-    def save_state(self, name: str) -> Future:
-        """Trainable weights, optimizer state and step counter; the future gives the path."""
+    def _path(self, name: str | Path) -> Path:
+        """Where a save of ``name`` goes (module docstring, "Checkpoint names")."""
+        if not isinstance(name, (str, Path)):
+            raise ValueError(f"name must be a str or a pathlib.Path, got {type(name).__name__}")
+        path, text = Path(name), str(name)
+        hint = (f"give a bare name (a folder inside checkpoint_dir={str(self._checkpoint_dir)!r}), "
+                "or a pathlib.Path / an absolute path for a folder elsewhere")
+        if not text.strip() or text == "." or ".." in path.parts or path == Path(path.anchor):
+            raise ValueError(f"name {text!r} is empty, the root, or climbs with '..'; {hint}")
+        if isinstance(name, Path) or path.is_absolute():
+            return path
+        if "/" in text or os.sep in text:
+            raise ValueError(f"name {text!r} is a relative path; {hint}")
+        return self._checkpoint_dir / path
+
+    def _load_path(self, path: str | Path) -> Path:
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise ValueError(f"path must be a non-empty str or pathlib.Path, got {path!r}")
+        bare = isinstance(path, str) and "/" not in path and os.sep not in path and path not in (".", "..")
+        return self._checkpoint_dir / path if bare else Path(path)
+
+    def save_state(self, name: str | Path) -> Future:
+        """Trainable weights, optimizer state and step counter, committed at once (a save that
+        crashes leaves the previous state); the future gives the absolute path."""
         return self._submit(lambda: str(self._trainer.save_state(self._path(name))))
 
-    def load_state(self, path: str) -> Future:
-        """Weights only; the optimizer state starts fresh."""
-        return self._submit(lambda: self._trainer.load_state(Path(path), False))
+    def _load(self, path, with_optimizer: bool) -> None:
+        self._trainer.load_state(self._load_path(path), with_optimizer)
+        self._weights_changed()
 
-    def load_state_with_optimizer(self, path: str) -> Future:
-        return self._submit(lambda: self._trainer.load_state(Path(path), True))
+    def load_state(self, path: str | Path) -> Future:
+        """Weights only; the optimizer state starts fresh. All or nothing: a state that does
+        not match this model exactly (keys, shapes, dtypes, LoRA rank and targets, tp) or
+        was never committed is refused and the model is left as it was; gradients are zeroed."""
+        return self._submit(self._load, path, False)
 
-    def save_weights_for_sampler(self, name: str) -> Future:
+    def load_state_with_optimizer(self, path: str | Path) -> Future:
+        """Weights, AdamW state and step counter (as ``load_state``)."""
+        return self._submit(self._load, path, True)
+
+    def save_weights_for_sampler(self, name: str | Path) -> Future:
         """A PEFT adapter folder under LoRA, else a folder that transformers loads."""
         return self._submit(lambda: str(self._trainer.save_for_sampler(self._source, self._path(name))))
 

@@ -22,6 +22,7 @@ import torch
 
 import kernels
 
+from .files import write_safetensors, write_text
 from .lora import PEFT_TO_OURS, PROJECTIONS, LoRAConfig, LoRALinear, add_lora, peft_targets, projections
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -61,22 +62,16 @@ def peft_config(model) -> dict:
 
 def save_peft_lora(model, folder: str | Path, *, write: bool = True) -> Path:
     """Write adapter_model.safetensors and adapter_config.json (PEFT's ``save_pretrained``
-    layout; each file written under a temporary name, then renamed). When the model's
+    layout; each file written whole or not at all, engine/models/files.py). When the model's
     modules hold parts of the projections (tensor parallelism) every holder must call it
     (the parts are gathered); pass ``write=False`` on all but one."""
-    from safetensors.torch import save_file
-
     state = lora_state_dict_to_peft(model)
     folder = Path(folder)
     if not write:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
-    save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / ADAPTER_WEIGHTS)
-    tmp = folder / (ADAPTER_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(peft_config(model), indent=2))
-    os.replace(tmp, folder / ADAPTER_CONFIG)
+    write_safetensors(folder / ADAPTER_WEIGHTS, state, {"format": "pt"})
+    write_text(folder / ADAPTER_CONFIG, json.dumps(peft_config(model), indent=2))
     return folder
 
 

@@ -11,15 +11,20 @@ rank, then ``setup(ctx, ...)`` yourself, and ``shutdown()`` last.
 
 Failures: a worker that raises reports the exception with its rank and traceback; a worker
 that dies is noticed by polling its exit code. Either way ``run`` raises ``WorkerError``
-naming the rank at once, and the pool shuts down (the other ranks may be blocked in a
-collective the failed rank never joined), terminating and joining every process: no
-orphans, and the rendezvous port is released.
+naming the rank at once. When every rank answered (each returned or raised) the pool stays
+usable: that call alone failed, and code that validates before any collective (so all ranks
+raise alike) leaves every rank as it was. When a rank died, timed out, or did not answer
+within ``ERROR_GRACE_S`` of another rank's error (it waits in a collective the failed rank
+never joined), the pool shuts down, terminating and joining every process: no orphans,
+and the rendezvous port is released. The message puts the dead rank and its signal first
+and shortens the other ranks' reports (their errors follow from the death).
 """
 from __future__ import annotations
 
 import datetime
 import gc
 import os
+import signal
 import socket
 import time
 import traceback
@@ -34,13 +39,19 @@ import torch.multiprocessing as mp
 from kernels.collectives import GroupRef
 
 DEFAULT_TIMEOUT_S = 120.0
+ERROR_GRACE_S = 2.0  # how long the other ranks have to answer once one rank failed
 
 
 _PENDING = object()
 
 
 class WorkerError(RuntimeError):
-    """A tensor-parallel worker raised or died; the message names the rank."""
+    """A tensor-parallel worker raised or died; the message names the rank.
+    ``pool_closed``: the pool shut down (a rank died or hung); otherwise it is usable."""
+
+    def __init__(self, message: str, *, pool_closed: bool = True):
+        super().__init__(message)
+        self.pool_closed = pool_closed
 
 
 @dataclass
@@ -142,6 +153,9 @@ def _serve(conn, setup, args, timeout_s) -> None:
             msg = conn.recv()
         except EOFError:
             break
+        except Exception as e:  # noqa: BLE001 - an unreadable call (its arguments' sender is gone)
+            conn.send(("error", f"could not read the call: {type(e).__name__}: {e}"))
+            continue
         if msg is None:
             break
         fn, fargs = msg
@@ -163,6 +177,7 @@ class WorkerPool:
         ctx = mp.get_context("spawn")
         port = free_port()
         self._conns, self._procs = [], []
+        self._closed_by = ""
         for rank in range(tp):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(rank, tp, port, timeout_s, child, setup, args), daemon=True,
@@ -171,23 +186,34 @@ class WorkerPool:
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
-        self._collect(timeout_s + 60)  # setup results (model loading)
+        try:
+            self._collect(timeout_s + 60)  # setup results (model loading)
+        except WorkerError as e:  # a rank whose setup failed has exited
+            self.close(force=True)
+            e.pool_closed = True
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return not self._procs
 
     def run(self, fn, *args, timeout_s: float | None = None) -> list:
-        """``fn(state, *args)`` on every rank; results in rank order."""
+        """``fn(state, *args)`` on every rank; results in rank order. Raises ``WorkerError``
+        if a rank raised (the pool stays usable) or died (the pool closes)."""
         if not self._procs:
-            raise WorkerError("the worker pool is closed")
+            raise WorkerError("the worker pool is closed" + (f" ({self._closed_by})" if self._closed_by else ""))
         for rank, conn in enumerate(self._conns):
             try:
                 conn.send((fn, args))
             except (BrokenPipeError, OSError):
-                self._fail(f"rank {rank} is gone (exit code {self._procs[rank].exitcode})")
+                self._procs[rank].join(timeout=1)
+                self._fail(f"rank {rank} {_exit_text(self._procs[rank].exitcode)}")
         return self._collect(timeout_s or self.timeout_s)
 
     def _collect(self, timeout_s: float) -> list:
         results, pending = [_PENDING] * self.tp, set(range(self.tp))
-        failures: dict[int, str] = {}
-        deadline = time.monotonic() + timeout_s
+        failures: dict[int, tuple[str, str]] = {}  # rank -> ("died" | "raised", what)
+        deadline, grace = time.monotonic() + timeout_s, None
         while pending:
             for rank in sorted(pending):
                 failure = self._poll(rank, results)
@@ -195,45 +221,53 @@ class WorkerPool:
                     failures[rank] = failure
                 if failure is not None or results[rank] is not _PENDING:
                     pending.discard(rank)
-            if failures:
-                # A rank that died makes its peers' collectives fail a moment later: give the
-                # others a short while to report, then name every failure, deaths first.
-                grace = time.monotonic() + 1.0
-                while pending and time.monotonic() < grace:
-                    for rank in sorted(pending):
-                        failure = self._poll(rank, results)
-                        if failure is not None:
-                            failures[rank] = failure
-                            pending.discard(rank)
-                    time.sleep(0.01)
-                ordered = sorted(failures.items(), key=lambda kv: (" died " not in kv[1], kv[0]))
-                self._fail("; ".join(f"rank {rank} {what}" for rank, what in ordered))
-            if pending and time.monotonic() > deadline:
-                self._fail(f"rank(s) {sorted(pending)} did not answer within {timeout_s:.0f} s")
-            if pending:
-                time.sleep(0.005)
-        return results
+            now = time.monotonic()
+            if failures and grace is None:
+                # The others either fail too (their collectives break) or answer, or they wait
+                # in a collective the failed rank never joined: they get a short while.
+                grace = now + ERROR_GRACE_S
+            if not pending or now > deadline or (grace is not None and now > grace):
+                break
+            time.sleep(0.005)
+        if not failures and not pending:
+            return results
+        died = sorted((r, what) for r, (kind, what) in failures.items() if kind == "died")
+        raised = sorted((r, what) for r, (kind, what) in failures.items() if kind == "raised")
+        summaries, detail = _raised(raised, full=not died)
+        parts = [f"rank {r} {what}" for r, what in died] + summaries
+        if pending:
+            first = min(failures) if failures else None
+            parts.append(f"rank(s) {sorted(pending)} did not answer " + (
+                f"within {timeout_s:.0f} s" if first is None else
+                f"within {ERROR_GRACE_S:g} s of rank {first}'s failure (waiting in a collective it never joined)"))
+        if died or pending:
+            self._fail("; ".join(parts), detail)
+        raise WorkerError("; ".join(parts) + detail, pool_closed=False)
 
-    def _poll(self, rank: int, results: list) -> str | None:
-        """Store rank's answer in results if it came; return a failure description, if any."""
+    def _poll(self, rank: int, results: list) -> tuple[str, str] | None:
+        """Store rank's answer in results if it came; return a failure (kind, what), if any."""
         conn, proc = self._conns[rank], self._procs[rank]
-        if conn.poll():
-            try:
-                status, value = conn.recv()
-            except EOFError:
-                proc.join(timeout=1)
-                return f"died (exit code {proc.exitcode})"
-            if status == "error":
-                return f"raised {value}"
-            results[rank] = value
-            return None
-        if not proc.is_alive():
-            return f"died (exit code {proc.exitcode})"
+        if not conn.poll():
+            if proc.is_alive():
+                return None
+            if not conn.poll():  # an answer sent just before it exited is still read
+                return "died", _exit_text(proc.exitcode)
+        try:
+            status, value = conn.recv()
+        except Exception as e:  # noqa: BLE001 - EOF, or a tensor whose sender died before it was read
+            proc.join(timeout=1)
+            if proc.is_alive():
+                return "died", f"sent an answer that cannot be read ({type(e).__name__}: {e})"
+            return "died", _exit_text(proc.exitcode)
+        if status == "error":
+            return "raised", value
+        results[rank] = value
         return None
 
-    def _fail(self, message: str):
+    def _fail(self, message: str, detail: str = ""):
+        self._closed_by = message
         self.close(force=True)
-        raise WorkerError(message)
+        raise WorkerError(message + "; the worker pool is closed" + detail, pool_closed=True)
 
     def close(self, force: bool = False) -> None:
         """Stop every worker (politely unless ``force``) and wait for them to exit."""
@@ -264,3 +298,35 @@ class WorkerPool:
     def __del__(self):
         if getattr(self, "_procs", None):
             self.close(force=True)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "is gone"
+    if code < 0:
+        try:
+            return f"died (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"died (killed by signal {-code})"
+    return f"died (exit code {code})"
+
+
+def _raised(raised: list[tuple[int, str]], *, full: bool) -> tuple[list[str], str]:
+    """("rank r raised <first line>" per distinct error, ranks that raised alike sharing one
+    entry; the first error's traceback when ``full``). With a dead rank the others' errors
+    follow from the death: their first line says enough."""
+    groups: dict[str, list[int]] = {}
+    texts: dict[str, str] = {}
+    for rank, text in raised:
+        line = (text.splitlines() or [""])[0]
+        line = line if len(line) <= 160 else line[:157] + "..."
+        groups.setdefault(line, []).append(rank)
+        texts.setdefault(line, text)
+    parts = [f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))} raised {line}"
+             for line, ranks in groups.items()]
+    detail = ""
+    if full and raised:
+        rank, text = raised[0]
+        detail = "\n".join(text.splitlines()[1:]).strip()
+        detail = f"\nrank {rank}: {detail}" if detail else ""
+    return parts, detail

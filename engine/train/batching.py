@@ -10,6 +10,11 @@ from __future__ import annotations
 import warnings
 
 
+def check_groups(n: int, group: int) -> None:
+    if n % group:
+        raise ValueError(f"this loss takes data in groups of {group} (e.g. chosen, rejected pairs); got {n} data")
+
+
 def pack_micro_batches(lengths: list[int], budget: int, group: int = 1) -> tuple[list[list[int]], list[int]]:
     """(micro-batches as lists of data indices, dropped indices).
 
@@ -19,9 +24,7 @@ def pack_micro_batches(lengths: list[int], budget: int, group: int = 1) -> tuple
     """
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"max_batch_size must be a positive number of tokens, got {budget!r}")
-    if len(lengths) % group:
-        raise ValueError(f"this loss takes data in groups of {group} (e.g. chosen, rejected pairs); "
-                         f"got {len(lengths)} data")
+    check_groups(len(lengths), group)
     units = [list(range(i, i + group)) for i in range(0, len(lengths), group)]
     sizes = [sum(lengths[i] for i in u) for u in units]
     dropped: list[int] = []

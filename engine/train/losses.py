@@ -22,6 +22,8 @@ Scoring models (a scalar value per token instead of the LM head):
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -113,7 +115,7 @@ def resolve_loss(loss_fn: str, loss_fn_config: dict | None, *, scoring: bool) ->
         raise ValueError(f"loss_fn_config: unknown key(s) {unknown} for loss_fn={loss_fn!r}; "
                          f"accepted: {sorted(spec.config) or 'none'}")
     for key, value in config.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"loss_fn_config[{key!r}] must be a number, got {value!r}")
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
     bound = {**spec.config, **{k: float(v) for k, v in config.items()}}
     return spec, (partial(spec.fn, **bound) if bound else spec.fn)

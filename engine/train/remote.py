@@ -4,13 +4,15 @@
 ranks execute the same step on their shards; rank 0's answer is returned, every rank's
 being equal). Data travel to the ranks as token lists and small CPU tensors; the user's
 ``forward_backward_custom`` function runs in the caller's process between the two fused
-passes (``custom_step``), so it need not be picklable.
+passes (``custom_step``), so it need not be picklable. An error raised alike on every rank
+fails its call and leaves the ranks usable (engine/parallel/workers.py); a dead rank ends them.
 """
 from __future__ import annotations
 
 from engine.models import add_lora
 from engine.parallel import WorkerPool, load_tp_model
 
+from .checkpoint import new_save_id, read_marker, writable_folder
 from .trainer import Trainer, custom_step, enable_activation_checkpointing
 
 
@@ -33,6 +35,7 @@ class RemoteTrainer:
         self.pool = WorkerPool(tp, _setup, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size)
         self.vocab = vocab
         self.info = self.pool.run(_call, "describe")[0]
+        self.signature = self._all("state_signature")
         self.step = self.info["step"]
         self.lora, self.value_head = self.info["lora"], (object() if self.info["scoring"] else None)
 
@@ -52,14 +55,18 @@ class RemoteTrainer:
         self.step = int(metrics["step"])
         return metrics
 
+    # Paths are checked here, before any rank is involved; the ranks check again (all alike).
     def save_state(self, folder):
-        return self._all("save_state", folder)
+        writable_folder(folder)
+        return self._all("save_state", folder, new_save_id(self.step))
 
     def load_state(self, path, with_optimizer):
+        read_marker(path, self.signature)
         self._all("load_state", path, with_optimizer)
         self.step = self._all("describe")["step"]
 
     def save_for_sampler(self, source, folder):
+        writable_folder(folder)
         return self._all("save_for_sampler", source, folder)
 
     def close(self):

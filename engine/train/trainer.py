@@ -5,10 +5,13 @@ optimizer. It takes data already normalised by the API layer (token lists and fl
 CPU tensors per datum) and returns plain tensors and floats, so the same code runs in the
 caller's process (tp=1) and in a WorkerPool rank.
 
-Host syncs: one ``.tolist()`` per call at the end (metrics), none per micro-batch.
+Host syncs: one ``.tolist()`` per call at the end (metrics), none per micro-batch; one per
+``optim_step`` (the gradient norm, which decides whether the step is taken).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from functools import partial
 
 import torch
@@ -125,8 +128,11 @@ class Trainer:
         return custom_step(self.run_linear_grad, data, fn)
 
     # -- state on disk (engine/train/checkpoint.py) -------------------------------------------
-    def save_state(self, folder):
-        return state_io.save_state(self, folder)
+    def save_state(self, folder, save_id: str | None = None):
+        return state_io.save_state(self, folder, save_id)
+
+    def state_signature(self) -> dict:
+        return state_io.signature(self)
 
     def load_state(self, path, with_optimizer: bool):
         return state_io.load_state(self, path, with_optimizer=with_optimizer)
@@ -146,37 +152,60 @@ class Trainer:
         return tp_group(self.model)
 
     # -- optimizer --------------------------------------------------------------------------
-    def _clip(self, params, max_norm: float) -> torch.Tensor:
+    def _grad_norm(self, params) -> torch.Tensor:
+        """The global gradient norm of the unsharded model, the same on every rank (NaN or
+        inf when any gradient holds one)."""
         if self.group is None:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        # Global norm over the unsharded model: squares of sharded parameters are summed over
-        # the ranks, replicated ones (equal on every rank) counted once. Same clip as
-        # clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), capped at 1).
+            return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # clip_grad_norm_'s
+        # Squares of sharded parameters are summed over the ranks, replicated ones (equal on
+        # every rank) counted once; a non-finite replicated gradient anywhere poisons all.
         grads = [(p.grad, getattr(p, "tp_sharded", False)) for p in params if p.grad is not None]
         zero = torch.zeros((), device=self.device)
         sharded = sum((g.float().pow(2).sum() for g, s in grads if s), zero)
         replicated = sum((g.float().pow(2).sum() for g, s in grads if not s), zero)
-        torch.distributed.all_reduce(sharded, group=self.group)
-        norm = (sharded + replicated).sqrt()
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g, _ in grads:
-            g.mul_(coef.to(g.dtype))
-        return norm
+        both = torch.stack([sharded, (~torch.isfinite(replicated)).float()])
+        torch.distributed.all_reduce(both, group=self.group)
+        return torch.where(both[1] > 0, torch.nan, (both[0] + replicated).sqrt())
 
     def optim_step(self, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    grad_clip_norm: float) -> dict:
+        """One AdamW step. A non-finite gradient norm skips it (as mixed-precision trainers
+        do): weights, optimizer state and step counter stay, the gradient is dropped, and
+        ``skipped_nonfinite_grad:sum`` says so."""
+        check_hyperparameters(lr, beta1, beta2, eps, weight_decay, grad_clip_norm)
         params = [p for _, p in self.params]
-        metrics = {}
-        if grad_clip_norm > 0:
-            norm = self._clip(params, grad_clip_norm)
-            metrics["grad_norm"] = float(norm)
-        for g in self.optimizer.param_groups:
-            g.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-        self.optimizer.step()
+        norm = self._grad_norm(params)
+        value = float(norm)  # the step's one host sync
+        finite = math.isfinite(value)
+        if finite:
+            if grad_clip_norm > 0 and self.group is None:
+                torch.nn.utils.clip_grads_with_norm_(params, grad_clip_norm, norm)  # = clip_grad_norm_
+            elif grad_clip_norm > 0:  # the same coefficient as clip_grad_norm_
+                coef = (grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef.to(p.grad.dtype))
+            for g in self.optimizer.param_groups:
+                g.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+            self.optimizer.step()
+            self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        metrics["step"] = float(self.step)
-        return metrics
+        return {"grad_norm": value, "skipped_nonfinite_grad:sum": 0.0 if finite else 1.0,
+                "step": float(self.step)}
+
+
+def check_hyperparameters(lr, beta1, beta2, eps, weight_decay, grad_clip_norm) -> None:
+    """ValueError naming the AdamParams field for a value AdamW must not see (they are
+    written into its param_groups directly, past its own checks)."""
+    rules = (("learning_rate", lr, "a finite number >= 0", lambda v: v >= 0),
+             ("beta1", beta1, "in [0, 1)", lambda v: 0 <= v < 1),
+             ("beta2", beta2, "in [0, 1)", lambda v: 0 <= v < 1),
+             ("eps", eps, "a finite number > 0", lambda v: v > 0),
+             ("weight_decay", weight_decay, "a finite number >= 0", lambda v: v >= 0),
+             ("grad_clip_norm", grad_clip_norm, "a finite number >= 0 (0: no clipping)", lambda v: v >= 0))
+    for name, value, expected, ok in rules:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+            raise ValueError(f"adam_params.{name} must be {expected}, got {value!r}")
 
 
 def custom_step(run_linear_grad, data: Data, fn):
