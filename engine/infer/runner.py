@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -42,9 +42,6 @@ from .cache import BlockSpace, KVCache, host_to_device
 from .cuda_graphs import DecodeGraphs
 from .forward import StepBatch, forward_with_cache
 from .sampling_op import sample_tokens
-
-if TYPE_CHECKING:
-    from .model import InferenceModel
 
 
 @dataclass
