@@ -75,7 +75,7 @@ class AdapterSlots:
                         stamps[req.adapter] = key[1]
                     req.adapter_key = key
             except Exception as e:  # noqa: BLE001 - unreadable adapter: this request only
-                req.future._set_exception(_unloadable(req.adapter, e))
+                req.future.set_exception(_unloadable(req.adapter, e))
                 continue
             ready.append(req)
         self.waiting = still

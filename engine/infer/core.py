@@ -231,7 +231,7 @@ class EngineCore:
             self.active.pop(req.id, None)
             metrics = {"time_to_first_token_s": req.first_token - req.submitted,
                        "latency_s": time.perf_counter() - req.submitted}
-            req.future._set_result(SampleResponse(sequences=req.results, prompt_logprobs=req.prompt_logprobs,
+            req.future.set_result(SampleResponse(sequences=req.results, prompt_logprobs=req.prompt_logprobs,
                                                   topk_prompt_logprobs=req.topk, metrics=metrics))
 
     def _finish_zero(self, seq: Seq) -> None:
@@ -240,10 +240,10 @@ class EngineCore:
         self._drop(seq)
         self.active.pop(req.id, None)
         if req.logprobs_only:
-            req.future._set_result(req.prompt_logprobs)
+            req.future.set_result(req.prompt_logprobs)
         else:
             empty = [SampledSequence([], [], "length", [], self.version) for _ in range(req.num_samples)]
-            req.future._set_result(SampleResponse(empty, req.prompt_logprobs, req.topk))
+            req.future.set_result(SampleResponse(empty, req.prompt_logprobs, req.topk))
 
     def _drop(self, seq: Seq) -> None:
         self.scheduler.drop(seq)
@@ -257,7 +257,7 @@ class EngineCore:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._drop(seq)
         for req in list(self.active.values()) + self.adapters.waiting:
-            req.future._set_exception(err)
+            req.future.set_exception(err)
         self.active.clear()
         self.adapters.waiting = []
 

@@ -128,7 +128,7 @@ class InferenceModel:
         keys/values; tokens sampled after the update use the new weights."""
         fut = Future()
         if not self._queue(("update", state_dict, fut)):
-            fut._set_exception(RuntimeError("InferenceModel is closed"))
+            fut.set_exception(RuntimeError("InferenceModel is closed"))
         return fut
 
     def run_between_steps(self, fn) -> Future:
@@ -140,9 +140,9 @@ class InferenceModel:
             return fut
         self._thread.join()  # closed: no step will run again, so fn runs here
         try:
-            fut._set_result(fn())
+            fut.set_result(fn())
         except BaseException as e:  # noqa: BLE001 - delivered to the caller
-            fut._set_exception(e)
+            fut.set_exception(e)
         return fut
 
     @property
@@ -172,10 +172,10 @@ class InferenceModel:
                                  capacity_tokens=self.cache.capacity_tokens, tokenizer=self.tokenizer,
                                  adapter=self.default_adapter if adapter is None else adapter, **options)
         except Exception as e:  # noqa: BLE001 - handed to the caller's future
-            fut._set_exception(e)
+            fut.set_exception(e)
             return fut
         if not self._queue(("request", req)):
-            fut._set_exception(RuntimeError("InferenceModel is closed"))
+            fut.set_exception(RuntimeError("InferenceModel is closed"))
         return fut
 
     def _queue(self, item: tuple) -> bool:
@@ -205,7 +205,7 @@ class InferenceModel:
             while not self._inbox.empty():
                 item = self._inbox.get_nowait()
                 if item[0] != "close":
-                    (item[1].future if item[0] == "request" else item[2])._set_exception(err)
+                    (item[1].future if item[0] == "request" else item[2]).set_exception(err)
             self._core.executor.close()
 
     def _serve(self) -> None:
@@ -240,9 +240,9 @@ class InferenceModel:
             return
         _, arg, fut = item
         try:
-            fut._set_result(arg() if item[0] == "call" else self._core.update_weights(arg))
+            fut.set_result(arg() if item[0] == "call" else self._core.update_weights(arg))
         except BaseException as e:  # noqa: BLE001 - delivered to the caller
-            fut._set_exception(e)
+            fut.set_exception(e)
 
 
 def serve_tp(model, *, max_batch_size: int = 2048, block_size: int = 16, kv_cache_tokens: int | None = None,

@@ -360,7 +360,7 @@ class TPExecutor(_Synchronous):
     def close(self) -> None:
         if self.owns_pool:
             self.pool.close()
-        elif self.pool._procs:
+        elif not self.pool.closed:
             self.pool.run(_detach_rank)  # free the KV cache; the trainer keeps its ranks
 
 

@@ -84,11 +84,11 @@ class Future:
     def __await__(self):
         return self.result_async().__await__()
 
-    # Completion from the engine thread.
-    def _set_result(self, value) -> None:
+    # Completion, by the engine thread (a second completion is ignored).
+    def set_result(self, value) -> None:
         if not self._inner.done():
             self._inner.set_result(value)
 
-    def _set_exception(self, exc: BaseException) -> None:
+    def set_exception(self, exc: BaseException) -> None:
         if not self._inner.done():
             self._inner.set_exception(exc)
