@@ -8,8 +8,8 @@ import torch
 from .dispatch import check_triton_device, on_device
 from .triton_base import LOG2E, attention_scores, dot_block, dot_precision, interpreting, tl, triton, unit_last_stride
 from .varlen_attention_triton import (attention_flags, check_out, config, grid_blocks, key_block_scores, key_blocks,
-                                      load_rows, load_tokens, pair_ok, program_tile, query_blocks, query_tile,
-                                      seq_bounds, zero_rows)
+                                      key_program, load_rows, load_tokens, pair_ok, query_blocks, query_program,
+                                      zero_rows)
 
 
 @triton.jit
@@ -42,26 +42,24 @@ def _lse_delta(lse_base, delta_base, tok, row_ok, MASKED: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, q_start, cols,
-                    len_q, len_k, window, lo, hi, sm_scale, softcap, offs_m, offs_d, d_ok,
-                    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
+                    len_q, len_k, window, lo, hi, sm_scale, softcap, offs_m, offs_d, d_ok, MASKED: tl.constexpr,
+                    FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     # Transposed tiles ([keys, queries]) so that dK and dV accumulate without transposes.
     for start_m in range(lo, hi, BLOCK_M):
         rows, row_ok, tok, q = load_tokens(q_base, stride_qt, q_start, start_m, len_q, offs_m, offs_d, d_ok, MASKED,
-                                           EVEN_D)
-        do = load_rows(do_base + tok[:, None] * stride_dot + offs_d[None, :], row_ok, d_ok, MASKED, EVEN_D)
+                                           FLAGS.even_d)
+        do = load_rows(do_base + tok[:, None] * stride_dot + offs_d[None, :], row_ok, d_ok, MASKED, FLAGS.even_d)
         lse, delta = _lse_delta(lse_base, delta_base, tok, row_ok, MASKED)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        s_t, t_t = attention_scores(qk_t, sm_scale, softcap, HAS_SOFTCAP)
+        s_t, t_t = attention_scores(qk_t, sm_scale, softcap, FLAGS.has_softcap)
         if MASKED:
-            ok = pair_ok(rows[None, :] + (len_k - len_q), cols[:, None], len_k, window, IS_CAUSAL, HAS_WINDOW)
+            ok = pair_ok(rows[None, :] + (len_k - len_q), cols[:, None], len_k, window, FLAGS)
             s_t = tl.where(ok & row_ok[None, :], s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        if HAS_SOFTCAP:
+        if FLAGS.has_softcap:
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
@@ -74,48 +72,42 @@ def _varlen_attn_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
     total_k, num_seqs, num_kv_heads, group, head_dim,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, FLAGS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # causal: the first key blocks are seen by the most queries, and start first
-    b, kh, pid_n, num_n, offs_m, offs_n, offs_d, d_ok = program_tile(num_kv_heads, head_dim, False, BLOCK_M, BLOCK_N,
-                                                                     BLOCK_D)
-    if b < num_seqs:
-        q_start, len_q, k_start, len_k = seq_bounds(CuQ, CuK, b)
-        n_lo = pid_n * BLOCK_N
-        if n_lo < len_k:
-            cols, col_ok, ktok, k = load_tokens(K + kh * stride_kh, stride_kt, k_start, n_lo, len_k, offs_n, offs_d,
-                                                d_ok, True, EVEN_D)
-            v = load_rows(V + ktok[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], col_ok, d_ok, True, EVEN_D)
-            dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-            dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-            lo, full_lo, full_hi, hi = query_blocks(n_lo, len_q, len_k, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-            for g in range(0, group):  # GQA: sum over the query heads sharing this key/value head
-                h = kh * group + g
-                q_base = Q + h * stride_qh
-                do_base = DOut + h * stride_doh
-                lse_base = Lse + h.to(tl.int64) * stride_lh
-                delta_base = Delta + h.to(tl.int64) * stride_lh
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                         q_start, cols, len_q, len_k, window, lo, full_lo, sm_scale, softcap, offs_m,
-                                         offs_d, d_ok, True, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, EVEN_D,
-                                         DOT_PRECISION, BLOCK_M)
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                         q_start, cols, len_q, len_k, window, full_lo, full_hi, sm_scale, softcap,
-                                         offs_m, offs_d, d_ok, False, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, EVEN_D,
-                                         DOT_PRECISION, BLOCK_M)
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                         q_start, cols, len_q, len_k, window, full_hi, hi, sm_scale, softcap, offs_m,
-                                         offs_d, d_ok, True, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, EVEN_D,
-                                         DOT_PRECISION, BLOCK_M)
-            mask = col_ok[:, None] & d_ok[None, :]
-            tl.store(DK + ktok[:, None] * stride_dkt + kh * stride_dkh + offs_d[None, :],
-                     (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
-            tl.store(DV + ktok[:, None] * stride_dvt + kh * stride_dvh + offs_d[None, :],
-                     dv.to(DV.dtype.element_ty), mask=mask)
-    else:
-        tail = tl.load(CuK + num_seqs)
-        start = tail + pid_n * BLOCK_N
+    """dK and dV of one block of keys, summed over the query heads of its GQA group and
+    the query blocks that may see it (key blocks in order: under causal masking the first
+    are seen by the most queries, and start first). The tail program zeroes dK and dV on
+    the rows past cu_seqlens_k[-1]."""
+    (active, tail, kh, n_lo, num_n, offs_m, offs_n, offs_d, d_ok, cols, col_ok, ktok, k, v, q_start, k_start, len_q,
+     len_k) = key_program(K, V, CuQ, CuK, stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, num_kv_heads, head_dim,
+                          FLAGS, BLOCK_M, BLOCK_N, BLOCK_D)
+    if active:
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        lo, full_lo, full_hi, hi = query_blocks(n_lo, len_q, len_k, window, FLAGS, BLOCK_M, BLOCK_N)
+        for g in range(0, group):  # GQA: sum over the query heads sharing this key/value head
+            h = kh * group + g
+            q_base = Q + h * stride_qh
+            do_base = DOut + h * stride_doh
+            lse_base = Lse + h.to(tl.int64) * stride_lh
+            delta_base = Delta + h.to(tl.int64) * stride_lh
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     q_start, cols, len_q, len_k, window, lo, full_lo, sm_scale, softcap, offs_m,
+                                     offs_d, d_ok, True, FLAGS, DOT_PRECISION, BLOCK_M)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     q_start, cols, len_q, len_k, window, full_lo, full_hi, sm_scale, softcap,
+                                     offs_m, offs_d, d_ok, False, FLAGS, DOT_PRECISION, BLOCK_M)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                                     q_start, cols, len_q, len_k, window, full_hi, hi, sm_scale, softcap, offs_m,
+                                     offs_d, d_ok, True, FLAGS, DOT_PRECISION, BLOCK_M)
+        mask = col_ok[:, None] & d_ok[None, :]
+        tl.store(DK + ktok[:, None] * stride_dkt + kh * stride_dkh + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + ktok[:, None] * stride_dvt + kh * stride_dvh + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=mask)
+    if tail:
+        start = k_start + n_lo
         zero_rows(DK + kh * stride_dkh, stride_dkt, start, total_k, num_n * BLOCK_N, offs_n, offs_d, d_ok, BLOCK_N,
                   BLOCK_D)
         zero_rows(DV + kh * stride_dvh, stride_dvt, start, total_k, num_n * BLOCK_N, offs_n, offs_d, d_ok, BLOCK_N,
@@ -123,19 +115,16 @@ def _varlen_attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo, hi,
-                  sm_scale, softcap, offs_n, offs_d, d_ok,
-                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo, hi, sm_scale,
+                  softcap, offs_n, offs_d, d_ok, MASKED: tl.constexpr, FLAGS: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         k, v, s, t = key_block_scores(q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, start_n, sm_scale,
-                                      softcap, offs_n, offs_d, d_ok, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                      EVEN_D, DOT_PRECISION)
+                                      softcap, offs_n, offs_d, d_ok, MASKED, FLAGS, DOT_PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
+        if FLAGS.has_softcap:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
@@ -148,39 +137,31 @@ def _varlen_attn_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh,
     total_q, num_seqs, num_heads, group, head_dim,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, FLAGS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b, h, pid_m, num_m, offs_m, offs_n, offs_d, d_ok = program_tile(num_heads, head_dim, True, BLOCK_M, BLOCK_N,
-                                                                   BLOCK_D)
-    if b < num_seqs:
-        q_start, len_q, k_start, len_k = seq_bounds(CuQ, CuK, b)
-        m_lo = pid_m * BLOCK_M
-        if m_lo < len_q:
-            rows, row_ok, tok, q, k_base, v_base, qpos = query_tile(
-                Q, K, V, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, h, group, q_start, len_q,
-                k_start, len_k, m_lo, offs_m, offs_d, d_ok, EVEN_D)
-            do = load_rows(DOut + tok[:, None] * stride_dot + h * stride_doh + offs_d[None, :], row_ok, d_ok, True,
-                           EVEN_D)
-            lse, delta = _lse_delta(Lse + h.to(tl.int64) * stride_lh, Delta + h.to(tl.int64) * stride_lh, tok, row_ok,
-                                    True)
-            dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-            lo, full_lo, full_hi, hi = key_blocks(m_lo, len_q, len_k, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-            dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo,
-                               full_lo, sm_scale, softcap, offs_n, offs_d, d_ok, True, IS_CAUSAL, HAS_WINDOW,
-                               HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N)
-            dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
-                               full_lo, full_hi, sm_scale, softcap, offs_n, offs_d, d_ok, False, IS_CAUSAL, HAS_WINDOW,
-                               HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N)
-            dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
-                               full_hi, hi, sm_scale, softcap, offs_n, offs_d, d_ok, True, IS_CAUSAL, HAS_WINDOW,
-                               HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N)
-            tl.store(DQ + tok[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
-                     (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    else:
-        tail = tl.load(CuQ + num_seqs)
-        zero_rows(DQ + h * stride_dqh, stride_dqt, tail + pid_m * BLOCK_M, total_q, num_m * BLOCK_M, offs_m, offs_d,
-                  d_ok, BLOCK_M, BLOCK_D)
+    """dQ of one block of queries, from the key blocks it may see (the forward's
+    order and masking). The tail program zeroes dQ on the rows past cu_seqlens_q[-1]."""
+    (active, tail, h, m_lo, num_m, q_start, offs_m, offs_n, offs_d, d_ok, row_ok, tok, q, k_base, v_base, qpos, len_q,
+     len_k) = query_program(Q, K, V, CuQ, CuK, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                            num_seqs, num_heads, group, head_dim, FLAGS, BLOCK_M, BLOCK_N, BLOCK_D)
+    if active:
+        do = load_rows(DOut + tok[:, None] * stride_dot + h * stride_doh + offs_d[None, :], row_ok, d_ok, True,
+                       FLAGS.even_d)
+        lse, delta = _lse_delta(Lse + h.to(tl.int64) * stride_lh, Delta + h.to(tl.int64) * stride_lh, tok, row_ok, True)
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        lo, full_lo, full_hi, hi = key_blocks(m_lo, len_q, len_k, window, FLAGS, BLOCK_M, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo,
+                           full_lo, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, DOT_PRECISION, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, full_lo,
+                           full_hi, sm_scale, softcap, offs_n, offs_d, d_ok, False, FLAGS, DOT_PRECISION, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
+                           full_hi, hi, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, DOT_PRECISION, BLOCK_N)
+        tl.store(DQ + tok[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if tail:
+        zero_rows(DQ + h * stride_dqh, stride_dqt, q_start + m_lo, total_q, num_m * BLOCK_M, offs_m, offs_d, d_ok,
+                  BLOCK_M, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
 """Triton kernels of varlen attention, forward (the ``impl="triton"`` backend of
 ``kernels.varlen_attention``; see that module for the algorithm and the contract), and the
-tile helpers the backward kernels (``varlen_attention_bwd_triton.py``) share with it."""
+tile helpers the backward kernels (``varlen_attention_bwd_triton.py``) share with it: the
+prologue of a program over a block of queries (``query_program``: forward, dQ) or of keys
+(``key_program``: dK/dV), the causal/window block ranges, and the masked loads."""
+from typing import NamedTuple
+
 import torch
 
 from .dispatch import check_triton_device, on_device
@@ -8,17 +12,27 @@ from .triton_base import (LN2, attention_scores, dot_block, dot_precision, inter
                           triton, unit_last_stride)
 
 
-# The constexpr flags of every varlen attention kernel, from its optional arguments.
+class Flags(NamedTuple):
+    """The compile-time variant of a varlen attention kernel: one constexpr, ``FLAGS``, that
+    the kernel hands to every tile helper instead of four loose flags. Bools only: triton
+    3.6 reads a field of a constexpr NamedTuple as a plain Python value, and passes such a
+    value on to a @triton.jit helper only if it is a bool or a number (so DOT_PRECISION, a
+    string, stays a kernel argument of its own)."""
+    is_causal: bool
+    has_window: bool
+    has_softcap: bool
+    even_d: bool  # head_dim == BLOCK_D: no mask on the head dims
+
+
+# FLAGS of every varlen attention kernel, from its launch arguments (IS_CAUSAL; window and
+# softcap, 0 for None; head_dim and BLOCK_D). The kernels read IS_CAUSAL through FLAGS only.
 attention_flags = triton.heuristics({
-    "HAS_WINDOW": lambda a: a["window"] > 0,
-    "HAS_SOFTCAP": lambda a: a["softcap"] > 0,
-    "EVEN_D": lambda a: a["head_dim"] == a["BLOCK_D"],
+    "FLAGS": lambda a: Flags(a["IS_CAUSAL"], a["window"] > 0, a["softcap"] > 0, a["head_dim"] == a["BLOCK_D"]),
 })
 
 
 @triton.jit
-def key_blocks(m_lo, len_q, len_k, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def key_blocks(m_lo, len_q, len_k, window, FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [lo, hi) that queries [m_lo, m_lo + BLOCK_M) of a sequence may see, and the
     blocks [full_lo, full_hi) inside it where every (query, key) pair is allowed (no mask).
     lo, full_lo, full_hi are multiples of BLOCK_N unless clipped to hi. Query i sits at
@@ -30,10 +44,10 @@ def key_blocks(m_lo, len_q, len_k, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: 
     hi = len_k
     full_lo = lo
     full_hi = (len_k // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
+    if FLAGS.is_causal:
         hi = tl.minimum(hi, tl.maximum(m_lo + BLOCK_M + shift, 0))
         full_hi = tl.minimum(full_hi, (tl.maximum(m_lo + shift + 1, 0) // BLOCK_N) * BLOCK_N)
-    if HAS_WINDOW:
+    if FLAGS.has_window:
         lo = (tl.maximum(m_lo + shift - window + 1, 0) // BLOCK_N) * BLOCK_N
         full_lo = tl.cdiv(tl.maximum(m_lo + BLOCK_M + shift - window, 0), BLOCK_N) * BLOCK_N
     hi = tl.maximum(hi, lo)
@@ -43,8 +57,7 @@ def key_blocks(m_lo, len_q, len_k, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: 
 
 
 @triton.jit
-def query_blocks(n_lo, len_q, len_k, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def query_blocks(n_lo, len_q, len_k, window, FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The transpose of key_blocks: queries [lo, hi) that may see keys [n_lo, n_lo +
     BLOCK_N), and the mask-free query blocks [full_lo, full_hi) (those also lie wholly
     inside the sequence, since their rows are read without a row mask)."""
@@ -53,10 +66,10 @@ def query_blocks(n_lo, len_q, len_k, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW
     hi = len_q
     full_lo = lo
     full_hi = (len_q // BLOCK_M) * BLOCK_M
-    if IS_CAUSAL:
+    if FLAGS.is_causal:
         lo = (tl.maximum(n_lo - shift, 0) // BLOCK_M) * BLOCK_M
         full_lo = tl.cdiv(tl.maximum(n_lo + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
-    if HAS_WINDOW:
+    if FLAGS.has_window:
         hi = tl.minimum(hi, tl.maximum(n_lo + BLOCK_N - 1 + window - shift, 0))
         full_hi = tl.minimum(full_hi, (tl.maximum(n_lo + window - shift, 0) // BLOCK_M) * BLOCK_M)
     hi = tl.maximum(hi, lo)
@@ -66,22 +79,14 @@ def query_blocks(n_lo, len_q, len_k, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW
 
 
 @triton.jit
-def pair_ok(qpos, kpos, len_k, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def pair_ok(qpos, kpos, len_k, window, FLAGS: tl.constexpr):
     """Allowed (query, key) pairs; qpos and kpos are broadcastable positions in key space."""
     ok = kpos < len_k
-    if IS_CAUSAL:
+    if FLAGS.is_causal:
         ok = ok & (kpos <= qpos)
-    if HAS_WINDOW:
+    if FLAGS.has_window:
         ok = ok & (kpos > qpos - window)
     return ok
-
-
-@triton.jit
-def seq_bounds(CuQ, CuK, b):
-    """First query token, query count, first key token and key count of sequence b."""
-    q_start = tl.load(CuQ + b)
-    k_start = tl.load(CuK + b)
-    return q_start, tl.load(CuQ + b + 1) - q_start, k_start, tl.load(CuK + b + 1) - k_start
 
 
 @triton.jit
@@ -110,25 +115,6 @@ def zero_rows(base, stride_t, start, end, step, offs_m, offs_d, d_ok, BLOCK_R: t
 
 
 @triton.jit
-def program_tile(num_heads, head_dim, REVERSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """This program's sequence b and head (grid axis 0 enumerates (sequence, head) pairs;
-    b == num_seqs is the tail of tokens past cu_seqlens[-1]), its block along axis 1 (in
-    reverse order when REVERSED: causal query blocks, the last carry the most work, start
-    first) and the number of blocks, the query, key and head-dim offsets of a tile, and the
-    mask of the head dims < head_dim."""
-    pid = tl.program_id(0)
-    num_blocks = tl.num_programs(1)
-    if REVERSED:
-        block = num_blocks - 1 - tl.program_id(1)
-    else:
-        block = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    return (pid // num_heads, pid % num_heads, block, num_blocks, tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), offs_d,
-            offs_d < head_dim)
-
-
-@triton.jit
 def load_tokens(base, stride_t, start, lo, length, offs, offs_d, d_ok, CHECK_ROWS: tl.constexpr,
                 EVEN_D: tl.constexpr):
     """Positions lo + offs of a sequence whose first token is ``start`` in a [tokens, D]
@@ -141,46 +127,101 @@ def load_tokens(base, stride_t, start, lo, length, offs, offs_d, d_ok, CHECK_ROW
 
 
 @triton.jit
-def query_tile(Q, K, V, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, h, group, q_start, len_q,
-               k_start, len_k, m_lo, offs_m, offs_d, d_ok, EVEN_D: tl.constexpr):
-    """The tile of queries m_lo + offs_m of head h (rows, row mask, token indices, q), the
-    bases of its sequence's keys and values in the GQA group's key/value head, and the
-    queries' positions in key space (bottom-right alignment)."""
+def program_tile(CuQ, CuK, num_seqs, num_heads, head_dim, KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where this program stands. Grid axis 0 enumerates (sequence b, head) pairs; b ==
+    num_seqs is the tail, the tokens past cu_seqlens[-1] that no sequence owns, seen as a
+    sequence of length 0 that starts at cu_seqlens[-1] (the index of its end is clamped to
+    its start, so nothing past cu_seqlens is read). Axis 1 enumerates blocks of BLOCK_N keys
+    (KEYS) or of BLOCK_M queries, the latter in reverse order: under causal masking the last
+    query blocks carry the most work, and start first. Returns (tail, head, the block's
+    first row, the number of blocks, active: that row lies inside the sequence, the first
+    query token, query count, first key token and key count of the sequence, the query,
+    key and head-dim offsets of a tile, the mask of the head dims < head_dim)."""
+    pid = tl.program_id(0)
+    num_blocks = tl.num_programs(1)
+    if KEYS:
+        block = tl.program_id(1)
+    else:
+        block = num_blocks - 1 - tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    b = pid // num_heads
+    q_start = tl.load(CuQ + b)
+    k_start = tl.load(CuK + b)
+    end = tl.minimum(b + 1, num_seqs)
+    len_q = tl.load(CuQ + end) - q_start
+    len_k = tl.load(CuK + end) - k_start
+    if KEYS:
+        block_lo = block * BLOCK_N
+        active = block_lo < len_k
+    else:
+        block_lo = block * BLOCK_M
+        active = block_lo < len_q
+    return (b == num_seqs, pid % num_heads, block_lo, num_blocks, active, q_start, len_q, k_start, len_k,
+            tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), offs_d, offs_d < head_dim)
+
+
+@triton.jit
+def query_program(Q, K, V, CuQ, CuK, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, num_seqs,
+                  num_heads, group, head_dim, FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """The prologue of a program over a block of queries (forward, dQ), whether or not it is
+    active: program_tile's (active, tail, head h, first row m_lo, block count, first query
+    token, offs_m, offs_n, offs_d, d_ok), the query tile (row mask, token indices and q,
+    zero on rows past the sequence: all of them when not active), the bases of the
+    sequence's keys and values in the GQA group's key/value head, the queries' positions in
+    key space (bottom-right alignment), the query count and the key count."""
+    tail, h, m_lo, num_m, active, q_start, len_q, k_start, len_k, offs_m, offs_n, offs_d, d_ok = program_tile(
+        CuQ, CuK, num_seqs, num_heads, head_dim, False, BLOCK_M, BLOCK_N, BLOCK_D)
     rows, row_ok, tok, q = load_tokens(Q + h * stride_qh, stride_qt, q_start, m_lo, len_q, offs_m, offs_d, d_ok, True,
-                                       EVEN_D)
+                                       FLAGS.even_d)
     kh = h // group
     k_base = K + k_start.to(tl.int64) * stride_kt + kh * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kh * stride_vh
-    return rows, row_ok, tok, q, k_base, v_base, rows + (len_k - len_q)
+    return (active, tail, h, m_lo, num_m, q_start, offs_m, offs_n, offs_d, d_ok, row_ok, tok, q, k_base, v_base,
+            rows + (len_k - len_q), len_q, len_k)
+
+
+@triton.jit
+def key_program(K, V, CuQ, CuK, stride_kt, stride_kh, stride_vt, stride_vh, num_seqs, num_kv_heads, head_dim,
+                FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The prologue of a program over a block of keys (dK/dV), whether or not it is active:
+    program_tile's (active, tail, key/value head kh, first key n_lo, block count, offs_m,
+    offs_n, offs_d, d_ok), the key positions, their mask and token indices, the k and v tiles
+    (zero on keys past the sequence: all of them when not active), and the sequence's first
+    query token, first key token, query count and key count."""
+    tail, kh, n_lo, num_n, active, q_start, len_q, k_start, len_k, offs_m, offs_n, offs_d, d_ok = program_tile(
+        CuQ, CuK, num_seqs, num_kv_heads, head_dim, True, BLOCK_M, BLOCK_N, BLOCK_D)
+    cols, col_ok, ktok, k = load_tokens(K + kh * stride_kh, stride_kt, k_start, n_lo, len_k, offs_n, offs_d, d_ok, True,
+                                        FLAGS.even_d)
+    v = load_rows(V + ktok[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], col_ok, d_ok, True, FLAGS.even_d)
+    return (active, tail, kh, n_lo, num_n, offs_m, offs_n, offs_d, d_ok, cols, col_ok, ktok, k, v, q_start, k_start,
+            len_q, len_k)
 
 
 @triton.jit
 def key_block_scores(q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, start_n, sm_scale, softcap,
-                     offs_n, offs_d, d_ok, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     offs_n, offs_d, d_ok, MASKED: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Keys start_n + offs_n of a query tile: (k, v, the scores in log2 units, -inf where
     MASKED rules a pair out, and tanh of the softcap; see attention_scores)."""
     cols = start_n + offs_n
     col_ok = cols < len_k
-    k = load_rows(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], col_ok, d_ok, MASKED, EVEN_D)
-    v = load_rows(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok, MASKED, EVEN_D)
+    k = load_rows(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], col_ok, d_ok, MASKED, FLAGS.even_d)
+    v = load_rows(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok, MASKED, FLAGS.even_d)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s, t = attention_scores(qk, sm_scale, softcap, HAS_SOFTCAP)
+    s, t = attention_scores(qk, sm_scale, softcap, FLAGS.has_softcap)
     if MASKED:
-        s = tl.where(pair_ok(qpos[:, None], cols[None, :], len_k, window, IS_CAUSAL, HAS_WINDOW), s, float("-inf"))
+        s = tl.where(pair_ok(qpos[:, None], cols[None, :], len_k, window, FLAGS), s, float("-inf"))
     return k, v, s, t
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo, hi,
-               sm_scale, softcap, offs_n, offs_d, d_ok,
-               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo, hi, sm_scale, softcap,
+               offs_n, offs_d, d_ok, MASKED: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         _, v, s, _ = key_block_scores(q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, start_n, sm_scale,
-                                      softcap, offs_n, offs_d, d_ok, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                      EVEN_D, DOT_PRECISION)
+                                      softcap, offs_n, offs_d, d_ok, MASKED, FLAGS, DOT_PRECISION)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
     return acc, l_i, m_i
 
@@ -191,42 +232,39 @@ def _varlen_attn_fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, sm_scale, softcap, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     total_q, num_seqs, num_heads, group, head_dim,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, FLAGS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b, h, pid_m, num_m, offs_m, offs_n, offs_d, d_ok = program_tile(num_heads, head_dim, True, BLOCK_M, BLOCK_N,
-                                                                   BLOCK_D)
-    if b < num_seqs:
-        q_start, len_q, k_start, len_k = seq_bounds(CuQ, CuK, b)
-        m_lo = pid_m * BLOCK_M
-        if m_lo < len_q:
-            rows, row_ok, tok, q, k_base, v_base, qpos = query_tile(
-                Q, K, V, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, h, group, q_start, len_q,
-                k_start, len_k, m_lo, offs_m, offs_d, d_ok, EVEN_D)
-            acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-            l_i = tl.zeros((BLOCK_M,), tl.float32)
-            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            lo, full_lo, full_hi, hi = key_blocks(m_lo, len_q, len_k, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
-                                       lo, full_lo, sm_scale, softcap, offs_n, offs_d, d_ok, True, IS_CAUSAL,
-                                       HAS_WINDOW, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
-                                       full_lo, full_hi, sm_scale, softcap, offs_n, offs_d, d_ok, False, IS_CAUSAL,
-                                       HAS_WINDOW, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
-                                       full_hi, hi, sm_scale, softcap, offs_n, offs_d, d_ok, True, IS_CAUSAL,
-                                       HAS_WINDOW, HAS_SOFTCAP, EVEN_D, DOT_PRECISION, BLOCK_N)
-            seen = l_i > 0.0  # a query that sees no key: out 0, lse -inf
-            out = acc / tl.where(seen, l_i, 1.0)[:, None]
-            lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-            o_ptrs = Out + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-            tl.store(Lse + h.to(tl.int64) * stride_lh + tok, lse, mask=row_ok)
-    else:
-        tail = tl.load(CuQ + num_seqs)
-        zero_rows(Out + h * stride_oh, stride_ot, tail + pid_m * BLOCK_M, total_q, num_m * BLOCK_M, offs_m, offs_d,
-                  d_ok, BLOCK_M, BLOCK_D)
-        for r0 in range(tail + pid_m * BLOCK_M, total_q, num_m * BLOCK_M):
+    """Out and lse of one block of queries: the online softmax over the key blocks it may
+    see, the mask evaluated only on blocks that cut the causal/window band. The tail
+    program writes out 0 and lse -inf on the rows past cu_seqlens_q[-1]."""
+    (active, tail, h, m_lo, num_m, q_start, offs_m, offs_n, offs_d, d_ok, row_ok, tok, q, k_base, v_base, qpos, len_q,
+     len_k) = query_program(Q, K, V, CuQ, CuK, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                            num_seqs, num_heads, group, head_dim, FLAGS, BLOCK_M, BLOCK_N, BLOCK_D)
+    if active:
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        lo, full_lo, full_hi, hi = key_blocks(m_lo, len_q, len_k, window, FLAGS, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo,
+                                   full_lo, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, DOT_PRECISION,
+                                   BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
+                                   full_lo, full_hi, sm_scale, softcap, offs_n, offs_d, d_ok, False, FLAGS,
+                                   DOT_PRECISION, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
+                                   full_hi, hi, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, DOT_PRECISION,
+                                   BLOCK_N)
+        seen = l_i > 0.0  # a query that sees no key: out 0, lse -inf
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+        o_ptrs = Out + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Lse + h.to(tl.int64) * stride_lh + tok, lse, mask=row_ok)
+    if tail:
+        zero_rows(Out + h * stride_oh, stride_ot, q_start + m_lo, total_q, num_m * BLOCK_M, offs_m, offs_d, d_ok,
+                  BLOCK_M, BLOCK_D)
+        for r0 in range(q_start + m_lo, total_q, num_m * BLOCK_M):
             rows = r0 + offs_m
             tl.store(Lse + h.to(tl.int64) * stride_lh + rows, tl.full((BLOCK_M,), float("-inf"), tl.float32),
                      mask=rows < total_q)
