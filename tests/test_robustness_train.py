@@ -390,3 +390,17 @@ def test_stale_temporaries_are_removed_on_save_and_load(llama, tmp_path):
     plant()
     tm.load_state(str(folder)).result()
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == sorted([live.name, foreign.name])
+
+
+def test_non_numeric_loss_inputs_and_empty_target_modules_are_refused(llama):
+    """Issue 15 item 10, training side: ``weights=["a", ...]`` gave "too many dimensions
+    'str'"; ``target_modules=[]`` silently adapted every layer."""
+    tm = engine.model(llama).spawn_train(max_batch_size=64)
+    data = _batch(4)
+    data[1].loss_fn_inputs["weights"] = ["a"] * len(data[1].loss_fn_inputs["target_tokens"])
+    with pytest.raises(ValueError, match=r"data\[1\].loss_fn_inputs\['weights'\] must hold numbers"):
+        tm.forward_backward(data, "cross_entropy").result()
+    assert math.isfinite(_loss(tm, _batch(4)))  # still usable
+    tm.close()
+    with pytest.raises(ValueError, match=r"target_modules=\[\] names no layer"):
+        engine.model(llama).with_adapter(rank=4, target_modules=[])

@@ -73,6 +73,9 @@ class ModelBuilder:
                      dropout: float = 0.0) -> "ModelBuilder":
         """Train a LoRA adapter (PEFT semantics; default alpha = 2 * rank, every linear layer)
         instead of the full weights."""
+        if target_modules is not None and not isinstance(target_modules, str) and len(list(target_modules)) == 0:
+            raise ValueError("target_modules=[] names no layer to adapt; leave it None for every linear layer, "
+                             "or name them (PEFT's names, e.g. ['q_proj', 'v_proj'])")
         return self._with(adapter=dict(rank=rank, alpha=2 * rank if alpha is None else alpha,
                                        targets=target_modules, dropout=dropout))
 

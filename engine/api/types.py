@@ -52,26 +52,34 @@ def as_ints(model_input: Any, *, where: str = "model_input") -> list[int]:
 
 
 def as_tensor(value: Any, *, where: str) -> torch.Tensor:
-    """A 1-D CPU tensor from a list, numpy array, torch tensor or Tinker TensorData."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu()
-    elif hasattr(value, "to_torch"):
-        t = value.to_torch()
-    elif hasattr(value, "to_numpy"):
-        t = torch.from_numpy(np.asarray(value.to_numpy()))
-    elif isinstance(value, np.ndarray):
-        t = torch.from_numpy(value)
-    elif isinstance(value, (list, tuple)):
-        t = torch.tensor(value)
-    elif hasattr(value, "tolist"):
-        t = torch.tensor(value.tolist())
-    elif hasattr(value, "data"):
-        t = torch.tensor(value.data)
-    else:
-        raise ValueError(f"{where} must be a list, numpy array or torch tensor, got {type(value).__name__}")
+    """A 1-D CPU tensor of numbers from a list, numpy array, torch tensor or Tinker TensorData."""
+    try:
+        t = _to_tensor(value, where)
+    except (TypeError, ValueError, RuntimeError) as e:
+        if str(e).startswith(where):
+            raise
+        raise ValueError(f"{where} must hold numbers, one per token ({type(e).__name__}: {e})") from None
     if t.dim() != 1:
         raise ValueError(f"{where} must be 1-D (one value per token), got shape {tuple(t.shape)}")
     return t
+
+
+def _to_tensor(value: Any, where: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if hasattr(value, "to_torch"):
+        return value.to_torch()
+    if hasattr(value, "to_numpy"):
+        return torch.from_numpy(np.asarray(value.to_numpy()))
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, (list, tuple)):
+        return torch.tensor(value)
+    if hasattr(value, "tolist"):
+        return torch.tensor(value.tolist())
+    if hasattr(value, "data"):
+        return torch.tensor(value.data)
+    raise ValueError(f"{where} must be a list, numpy array or torch tensor, got {type(value).__name__}")
 
 
 @dataclass
