@@ -54,17 +54,18 @@ def as_ints(model_input: Any, *, where: str = "model_input") -> list[int]:
 def as_tensor(value: Any, *, where: str) -> torch.Tensor:
     """A 1-D CPU tensor of numbers from a list, numpy array, torch tensor or Tinker TensorData."""
     try:
-        t = _to_tensor(value, where)
+        t = _to_tensor(value)
     except (TypeError, ValueError, RuntimeError) as e:
-        if str(e).startswith(where):
-            raise
         raise ValueError(f"{where} must hold numbers, one per token ({type(e).__name__}: {e})") from None
+    if t is None:
+        raise ValueError(f"{where} must be a list, numpy array or torch tensor, got {type(value).__name__}")
     if t.dim() != 1:
         raise ValueError(f"{where} must be 1-D (one value per token), got shape {tuple(t.shape)}")
     return t
 
 
-def _to_tensor(value: Any, where: str) -> torch.Tensor:
+def _to_tensor(value: Any) -> torch.Tensor | None:
+    """``value`` as a tensor; None for a type that holds no array."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if hasattr(value, "to_torch"):
@@ -79,7 +80,7 @@ def _to_tensor(value: Any, where: str) -> torch.Tensor:
         return torch.tensor(value.tolist())
     if hasattr(value, "data"):
         return torch.tensor(value.data)
-    raise ValueError(f"{where} must be a list, numpy array or torch tensor, got {type(value).__name__}")
+    return None
 
 
 @dataclass

@@ -316,12 +316,10 @@ def _raised(raised: list[tuple[int, str]], *, full: bool) -> tuple[list[str], st
     entry; the first error's traceback when ``full``). With a dead rank the others' errors
     follow from the death: their first line says enough."""
     groups: dict[str, list[int]] = {}
-    texts: dict[str, str] = {}
     for rank, text in raised:
         line = (text.splitlines() or [""])[0]
         line = line if len(line) <= 160 else line[:157] + "..."
         groups.setdefault(line, []).append(rank)
-        texts.setdefault(line, text)
     parts = [f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))} raised {line}"
              for line, ranks in groups.items()]
     detail = ""

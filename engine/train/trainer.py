@@ -178,13 +178,8 @@ class Trainer:
         value = float(norm)  # the step's one host sync
         finite = math.isfinite(value)
         if finite:
-            if grad_clip_norm > 0 and self.group is None:
-                torch.nn.utils.clip_grads_with_norm_(params, grad_clip_norm, norm)  # = clip_grad_norm_
-            elif grad_clip_norm > 0:  # the same coefficient as clip_grad_norm_
-                coef = (grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(coef.to(p.grad.dtype))
+            if grad_clip_norm > 0:  # clip_grad_norm_'s coefficient, with the global norm at any tp
+                torch.nn.utils.clip_grads_with_norm_(params, grad_clip_norm, norm)
             for g in self.optimizer.param_groups:
                 g.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
             self.optimizer.step()
