@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import engine
 from engine.api import AdamParams, Datum, ModelInput, TrainingModel
+from engine.api import model as open_model
 from engine.models import load_config
 
 from . import wire
@@ -76,7 +76,7 @@ class Service:
         self._pending: dict[str, dict[str, concurrent.futures.Future]] = {}
         self._admin = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-serve-admin")
         for name, path in models.items():
-            builder = engine.model(path).tp(tp)
+            builder = open_model(path).tp(tp)
             builder = builder.shared_base() if tp == 1 else builder
             sampler = builder.spawn_inference(max_batch_size=max_batch_size, gpu_memory_fraction=0.3)
             tokenizer = sampler.tokenizer
