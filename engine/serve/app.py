@@ -9,6 +9,7 @@ sessions) answer 400 with ``{"detail"}`` for a bad request and 404 for an unknow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .futures import RequestFailed
+from .futures import failure
 from .service import Service
 
 POLL_S = 20.0  # the SDK waits 45 s for a retrieve_future answer
@@ -81,10 +82,9 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
             await asyncio.wait([asyncio.wrap_future(fut)], timeout=POLL_S)
         if not fut.done():
             return JSONResponse({"type": "try_again", "request_id": body["request_id"], "queue_state": "active"})
-        error = fut.exception()
-        if error is not None:
-            category = error.category if isinstance(error, RequestFailed) else "server"
-            return JSONResponse({"error": str(error), "category": category})
+        if fut.exception() is not None:
+            error = failure(fut.exception())
+            return JSONResponse({"error": str(error), "category": error.category})
         media_type, content = fut.result()
         return Response(content, media_type=media_type)
 
@@ -199,6 +199,17 @@ class _Server(uvicorn.Server):
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             host = f"[{host}]" if ":" in host else host
             print(f"serving on http://{host}:{port}", flush=True)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn's own re-raises the signal once it has stopped, which kills the process
+        before the engines are closed; this one lets ``serve`` close them and return."""
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame) -> None:
         self.service.stop(f"the server is shutting down ({signal.Signals(sig).name}); this request did not complete")

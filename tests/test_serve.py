@@ -1,0 +1,314 @@
+"""``python -m engine serve`` driven by the real ``tinker`` SDK (0.38): one server process per
+module over a tiny random Qwen3 checkpoint with a byte tokenizer (vocabulary 259, so every
+sampled id is a byte), on a free loopback port, with an API key."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+tinker = pytest.importorskip("tinker")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from safetensors.torch import load_file  # noqa: E402
+from tinker import types  # noqa: E402
+from tinker.types.tensor_data import TensorData  # noqa: E402
+
+from engine.models.presets import save_random_checkpoint  # noqa: E402
+from tinker_loops import rl_loop, sl_loop  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "tiny/Qwen3-test"
+KEY = "tml-test-key"
+EOS = 256  # the byte tokenizer's <|endoftext|>
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, checkpoints: Path, log: Path):
+        self.proc, self.url, self.checkpoints, self.log = proc, url, checkpoints, log
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, headers={"X-API-Key": KEY, **kwargs.pop("headers", {})}, timeout=60,
+                          **kwargs)
+
+    def result(self, request_id: str) -> httpx.Response:
+        while True:
+            r = self.post("/api/v1/retrieve_future", json={"request_id": request_id})
+            if r.headers.get("content-type", "").startswith("application/json") and r.json().get("type") == "try_again":
+                continue
+            return r
+
+    def folder(self, uri: str) -> Path:
+        return self.checkpoints / uri.removeprefix("tinker://")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model = save_random_checkpoint(root / "tiny", "qwen3", tokenizer=True, vocab_size=259, seed=1)
+    log = root / "server.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", f"{NAME}={model}", "--port", "0",
+                                 "--checkpoint-dir", str(root / "checkpoints"), "--api-key", KEY,
+                                 "--max-batch-size", "2048"], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout=120)
+    if not line or not line[0].startswith("serving on http://127.0.0.1:"):
+        proc.kill()
+        pytest.fail(f"the server did not start: stdout {line!r}, stderr:\n{log.read_text()}")
+    yield Server(proc, line[0].split()[-1], root / "checkpoints", log)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def service(server):
+    client = tinker.ServiceClient(base_url=server.url, api_key=KEY)
+    yield client
+
+
+def text_datum(text: str) -> types.Datum:
+    ids = list(text.encode())
+    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                       loss_fn_inputs={"target_tokens": TensorData.from_torch(torch.tensor(ids[1:])),
+                                       "weights": TensorData.from_torch(torch.ones(len(ids) - 1))})
+
+
+DATA = [text_datum(t) for t in ("hello world", "the quick brown fox", "0123456789", "abcabcabc")]
+ADAM = types.AdamParams(learning_rate=1e-2)
+
+
+def test_api_key_is_required(server):
+    assert httpx.get(server.url + "/api/v1/healthz").status_code == 401
+    assert httpx.get(server.url + "/api/v1/healthz", headers={"X-API-Key": "tml-wrong"}).status_code == 401
+    assert httpx.get(server.url + "/api/v1/healthz", headers={"X-API-Key": KEY}).json() == {"status": "ok"}
+
+
+def test_supervised_steps_lower_the_loss_and_chunks_run_in_seq_id_order(service):
+    tc = service.create_lora_training_client(base_model=NAME, rank=8).result()
+    info = tc.get_info()
+    assert (info.model_data.model_name, info.model_data.arch, info.is_lora, info.lora_rank) == (NAME, "qwen3", True, 8)
+    assert tc.get_tokenizer().encode("hi", add_special_tokens=False) == list(b"hi")
+    losses = []
+    for _ in range(4):
+        fb = tc.forward_backward(DATA, "cross_entropy")  # both posted before either is awaited
+        step = tc.optim_step(ADAM)
+        losses.append(fb.result().metrics["loss:sum"])
+        assert step.result().metrics["grad_norm:mean"] > 0
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    whole = tc.forward(DATA, "cross_entropy").result()
+    holder = tc.holder  # one datum per chunk: the SDK posts chunks 1..3 before chunk 0
+    config = holder._client_config
+    holder._client_config = config.model_copy(update={"fwdbwd_max_chunk_len": 1})
+    try:
+        chunked = tc.forward(DATA, "cross_entropy").result()
+    finally:
+        holder._client_config = config
+    assert chunked.metrics["loss:sum"] == pytest.approx(whole.metrics["loss:sum"], rel=1e-6)
+    for a, b in zip(chunked.loss_fn_outputs, whole.loss_fn_outputs):
+        np.testing.assert_allclose(a["logprobs"].to_numpy(), b["logprobs"].to_numpy(), rtol=1e-6)
+
+
+def test_seq_ids_posted_out_of_order_run_in_order(server, service):
+    tc = service.create_lora_training_client(base_model=NAME, rank=4).result()
+    model_id = tc.get_info().model_id
+    step = server.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": 2,
+                                                   "adam_params": {"learning_rate": 1e-2}}).json()["request_id"]
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    request = types.ForwardBackwardRequest(forward_backward_input=types.ForwardBackwardInput(
+        data=DATA, loss_fn="cross_entropy"), model_id=model_id, seq_id=1)
+    fb = server.post("/api/v1/forward_backward", content=forward_backward_request_to_proto(request).SerializeToString(),
+                     headers={"Content-Type": "application/x-protobuf"}).json()["request_id"]
+    assert server.result(fb).headers["content-type"] == "application/x-protobuf"
+    assert server.result(step).json()["metrics"]["grad_norm:mean"] > 0  # the gradient of seq_id 1 was there
+    again = server.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": 2,
+                                                    "adam_params": {"learning_rate": 1e-2}}).json()["request_id"]
+    failed = server.result(again).json()
+    assert failed["category"] == "user" and "seq_id 2 was already used" in failed["error"]
+
+
+def sample_datums(prompt: list[int], response: types.SampleResponse) -> list[types.Datum]:
+    """rl_loop's datums: prompt + sampled tokens, logprobs and advantages padded over the prompt."""
+    rewards = [float(len(s.tokens)) + 0.1 * i for i, s in enumerate(response.sequences)]
+    mean = sum(rewards) / len(rewards)
+    out = []
+    for seq, reward in zip(response.sequences, rewards):
+        ob = len(prompt) - 1
+        tokens = prompt + seq.tokens[:-1]
+        out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens), loss_fn_inputs={
+            "target_tokens": TensorData.from_torch(torch.tensor([0] * ob + seq.tokens)),
+            "logprobs": TensorData.from_torch(torch.tensor([0.0] * ob + seq.logprobs)),
+            "advantages": TensorData.from_torch(torch.full((len(tokens),), reward - mean))}))
+    return out
+
+
+def test_rl_losses_on_sampled_data(service):
+    tc = service.create_lora_training_client(base_model=NAME, rank=8).result()
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt = list(b"Question: 2+2=")
+    response = sampler.sample(types.ModelInput.from_ints(prompt), 4, types.SamplingParams(max_tokens=6, seed=7)).result()
+    assert len(response.sequences) == 4 and len({s.sequence_id for s in response.sequences}) == 4
+    datums = sample_datums(prompt, response)
+    for loss in ("importance_sampling", "ppo", "cispo", "dro"):
+        out = tc.forward_backward(datums, loss).result()
+        assert math.isfinite(out.metrics["loss:sum"]), loss
+        for datum, seq, lp in zip(datums, response.sequences, out.loss_fn_outputs):
+            # the sampler is a snapshot of these weights: the trainer sees the same logprobs
+            np.testing.assert_allclose(lp["logprobs"].to_numpy()[-len(seq.tokens):], seq.logprobs, atol=2e-4)
+    assert tc.optim_step(ADAM).result().metrics["grad_norm:mean"] > 0
+
+
+def adapter(server: Server, uri: str) -> dict[str, torch.Tensor]:
+    return load_file(server.folder(uri) / "adapter_model.safetensors")
+
+
+def test_save_state_then_resume_with_optimizer_is_bit_exact(server, service):
+    tc = service.create_lora_training_client(base_model=NAME, rank=8).result()
+    for _ in range(2):
+        tc.forward_backward(DATA, "cross_entropy")
+        tc.optim_step(ADAM)
+    state = tc.save_state("mid", ttl_seconds=3600).result().path
+    assert state.startswith("tinker://") and "/weights/mid" in state
+    resumed = service.create_training_client_from_state_with_optimizer(state).result()
+    outs = []
+    for client in (tc, resumed):
+        loss = client.forward_backward(DATA, "cross_entropy").result().metrics["loss:sum"]
+        client.optim_step(ADAM).result()
+        outs.append((loss, adapter(server, client.save_weights_for_sampler("after").result().path)))
+    assert outs[0][0] == outs[1][0]
+    assert outs[0][1].keys() == outs[1][1].keys()
+    assert all(torch.equal(outs[0][1][k], outs[1][1][k]) for k in outs[0][1])
+    fresh = service.create_training_client_from_state(state).result()  # weights only: Adam starts again
+    assert fresh.get_info().lora_rank == 8
+    assert fresh.forward(DATA, "cross_entropy").result().metrics["loss:sum"] == outs[0][0]
+
+
+def test_sampling_logprobs_stops_and_seeds(service):
+    sampler = service.create_sampling_client(base_model=NAME).result()
+    prompt = types.ModelInput.from_ints(list(b"Once upon a time"))
+    params = types.SamplingParams(max_tokens=24, seed=11, stop=[])
+    first = sampler.sample(prompt, 1, params).result().sequences[0]
+    again = sampler.sample(prompt, 1, params).result().sequences[0]
+    other = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=24, seed=12, stop=[])).result().sequences[0]
+    assert first.tokens == again.tokens and first.tokens != other.tokens
+    assert len(first.tokens) == len(first.logprobs) == 24 and first.stop_reason == "length"
+    # compute_logprobs of prompt + sample equals the sampler's logprobs (temperature 1)
+    scored = sampler.compute_logprobs(types.ModelInput.from_ints(prompt.to_ints() + first.tokens)).result()
+    assert scored[0] is None
+    np.testing.assert_allclose(scored[-24:], first.logprobs, atol=2e-4)
+    # a stop token id ends the sequence at its first occurrence, kept in the output
+    stop_id = first.tokens[5]
+    stopped = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=24, seed=11, stop=[stop_id])).result()
+    seq = stopped.sequences[0]
+    assert seq.stop_reason == "stop" and seq.tokens == first.tokens[:first.tokens.index(stop_id) + 1]
+    # a stop string: the first printable ASCII byte sampled
+    k = next(i for i, t in enumerate(first.tokens) if 33 <= t < 127 and i > 0)
+    text = chr(first.tokens[k])
+    seq = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=24, seed=11, stop=[text])).result().sequences[0]
+    assert seq.stop_reason == "stop" and seq.tokens == first.tokens[:first.tokens.index(first.tokens[k]) + 1]
+
+
+def test_trainers_and_samplers_live_side_by_side(service):
+    a = service.create_lora_training_client(base_model=NAME, rank=4).result()
+    b = service.create_lora_training_client(base_model=NAME, rank=4).result()
+    base = service.create_sampling_client(base_model=NAME).result()
+    prompt = types.ModelInput.from_ints(list(b"hello world, hello"))
+    before_b = b.forward(DATA, "cross_entropy").result().metrics["loss:sum"]
+    before_base = base.compute_logprobs(prompt).result()
+    snapshot = a.save_weights_and_get_sampling_client().result()
+    before_snapshot = snapshot.compute_logprobs(prompt).result()
+    for _ in range(2):
+        a.forward_backward(DATA, "cross_entropy")
+        a.optim_step(ADAM)
+    later = a.save_weights_and_get_sampling_client().result()
+    assert b.forward(DATA, "cross_entropy").result().metrics["loss:sum"] == before_b
+    assert base.compute_logprobs(prompt).result() == before_base
+    assert snapshot.compute_logprobs(prompt).result() == before_snapshot  # a snapshot: later steps unseen
+    assert later.compute_logprobs(prompt).result() != before_snapshot
+
+
+def test_bad_requests_fail_alone(server, service):
+    tc = service.create_lora_training_client(base_model=NAME, rank=4).result()
+    with pytest.raises(tinker.RequestFailedError, match="loss_fn must be one of"):
+        tc.forward_backward(DATA, "no_such_loss").result()
+    bad = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 999]),
+                      loss_fn_inputs={"target_tokens": TensorData.from_torch(torch.tensor([2, 3, 4]))})
+    with pytest.raises(tinker.RequestFailedError, match="token id 999, outside the vocabulary"):
+        tc.forward_backward([bad], "cross_entropy").result()
+    with pytest.raises(tinker.RequestFailedError, match="base_model 'nope' is not served"):
+        service.create_lora_training_client(base_model="nope", rank=4).result()
+    for path in ("tinker://../weights/x", "tinker://run/weights/../../../etc", "/etc/passwd",
+                 "tinker://nope/weights/none"):
+        with pytest.raises(tinker.RequestFailedError, match="path|checkpoint dir|plain name"):
+            service.create_training_client_from_state(path).result()
+    outside = server.checkpoints / "escape"
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "weights").mkdir(exist_ok=True)
+    (outside / "weights" / "link").symlink_to("/tmp", target_is_directory=True)
+    with pytest.raises(tinker.RequestFailedError, match="outside the checkpoint dir"):
+        service.create_training_client_from_state("tinker://escape/weights/link").result()
+    with pytest.raises(tinker.BadRequestError, match="sampler_weights"):
+        service.create_sampling_client(model_path="tinker://escape/weights/link").result()
+    garbage = server.post("/api/v1/forward_backward", content=b"\xff\x00 not a protobuf",
+                          headers={"Content-Type": "application/x-protobuf"}).json()["request_id"]
+    failed = server.result(garbage).json()
+    assert failed["category"] == "user" and "ForwardBackwardRequest protobuf" in failed["error"]
+    # a client that drops its connection mid-poll takes nothing with it
+    parked = server.post("/api/v1/optim_step", json={"model_id": tc.get_info().model_id, "seq_id": 1000,
+                                                     "adam_params": {"learning_rate": 1e-2}}).json()["request_id"]
+    slow = tc.forward_backward(DATA, "cross_entropy")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/api/v1/retrieve_future", json={"request_id": parked}, timeout=0.5,
+                   headers={"X-API-Key": KEY})
+    assert math.isfinite(slow.result().metrics["loss:sum"])
+    assert math.isfinite(tc.optim_step(ADAM).result().metrics["grad_norm:mean"])
+    assert server.post("/api/v1/retrieve_future", json={"request_id": "req-999999"}).status_code == 410
+
+
+def test_cookbook_loops(server, service, tmp_path):
+    data = [list(t.encode()) for t in ("hello world", "the quick brown fox", "0123456789", "abcabcabc") * 4]
+    first = sl_loop(service, NAME, tmp_path / "sl", data, max_steps=3)
+    assert [m["step"] for m in first] == [0, 1, 2]
+    assert first[-1]["train_mean_nll"] < first[0]["train_mean_nll"]
+    log = tmp_path / "sl" / "checkpoints.jsonl"  # as if the run had died before its final save
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if '"final"' not in line))
+    resumed = sl_loop(service, NAME, tmp_path / "sl", data)  # from the state saved at the start of step 2
+    assert [m["step"] for m in resumed] == [2, 3]
+    assert resumed[0]["train_mean_nll"] == first[2]["train_mean_nll"]
+    prompts = [list(b"Q: 1+1="), list(b"Q: 3+4="), list(b"Q: 5+2="), list(b"Q: 9+0=")]
+    logged = rl_loop(service, NAME, tmp_path / "rl", prompts, lambda tokens: float(sum(48 <= t < 58 for t in tokens)),
+                     stop=[EOS])
+    assert len(logged) == 2 and all(math.isfinite(m["reward/total"]) for m in logged)
+
+
+def test_sigterm_fails_pending_requests_and_exits(server, service):
+    tc = service.create_lora_training_client(base_model=NAME, rank=4).result()
+    parked = server.post("/api/v1/optim_step", json={"model_id": tc.get_info().model_id, "seq_id": 50,
+                                                     "adam_params": {"learning_rate": 1e-2}}).json()["request_id"]
+    answer: list[httpx.Response] = []
+    poll = threading.Thread(target=lambda: answer.append(server.post("/api/v1/retrieve_future",
+                                                                     json={"request_id": parked})))
+    poll.start()
+    poll.join(timeout=1.0)
+    assert not answer  # still parked behind seq_id 1
+    server.proc.send_signal(signal.SIGTERM)
+    poll.join(timeout=30)
+    assert answer and "shutting down (SIGTERM)" in answer[0].json()["error"]
+    assert server.proc.wait(timeout=60) == 0, server.log.read_text()
+    leftovers = [p for p in server.checkpoints.rglob("*") if p.name.startswith(".")]
+    assert not leftovers
