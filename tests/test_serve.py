@@ -312,3 +312,81 @@ def test_sigterm_fails_pending_requests_and_exits(server, service):
     assert server.proc.wait(timeout=60) == 0, server.log.read_text()
     leftovers = [p for p in server.checkpoints.rglob("*") if p.name.startswith(".")]
     assert not leftovers
+
+
+# -- without a server ---------------------------------------------------------------------------------
+def test_wire_formats_round_trip_through_the_sdk():
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+    from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
+
+    from engine.infer import SampledSequence, SampleResponse
+    from engine.serve import wire
+
+    g = torch.Generator().manual_seed(0)
+    sparse = torch.zeros(3, 4, dtype=torch.long)
+    sparse[1, 2] = 7
+    datums = [types.Datum(model_input=types.ModelInput.from_ints([5, 6, 7]), loss_fn_inputs={
+        "target_tokens": TensorData.from_torch(torch.tensor([6, 7, 8])),
+        "weights": TensorData.from_torch(torch.rand(3, generator=g)),
+        "grid": TensorData.from_torch_sparse(sparse)})]
+    request = types.ForwardBackwardRequest(forward_backward_input=types.ForwardBackwardInput(
+        data=datums, loss_fn="ppo", loss_fn_config={"clip_low_threshold": 0.7}), model_id="m", seq_id=3)
+    call = wire.decode_forward_backward(forward_backward_request_to_proto(request).SerializeToString())
+    assert (call.model_id, call.seq_id, call.loss_fn, call.loss_fn_config) == ("m", 3, "ppo", {"clip_low_threshold": 0.7})
+    tokens, inputs = call.data[0]
+    assert tokens == [5, 6, 7] and inputs["target_tokens"].tolist() == [6, 7, 8]
+    assert torch.equal(inputs["weights"], datums[0].loss_fn_inputs["weights"].to_torch())
+    assert torch.equal(inputs["grid"], sparse)
+    with pytest.raises(ValueError, match="not a ForwardBackwardRequest protobuf"):
+        wire.decode_forward_backward(b"\xff\xff\xff")
+
+    outputs = [{"logprobs": torch.randn(n, generator=g)} for n in (3, 1, 5)]
+    out = deserialize_forward_backward_output(wire.encode_forward_backward_output(outputs, {"loss:sum": 2.5, "n": 1}))
+    assert out.metrics == {"loss:sum": 2.5, "n:mean": 1.0}
+    for mine, theirs in zip(outputs, out.loss_fn_outputs):
+        assert torch.equal(theirs["logprobs"].to_torch(), mine["logprobs"])
+    response = SampleResponse([SampledSequence([4, 5], [-0.5, -1.25], "stop"), SampledSequence([9], [-2.0], "length")],
+                              prompt_logprobs=[None, -3.0, -0.25])
+    back = deserialize_sample_response(wire.encode_sample_response(response))
+    assert [(s.tokens, s.logprobs, s.stop_reason) for s in back.sequences] == [
+        ([4, 5], [-0.5, -1.25], "stop"), ([9], [-2.0], "length")]
+    assert back.prompt_logprobs == [None, -3.0, -0.25]
+
+
+def test_checkpoint_uris_resolve_strictly_inside_the_dir(tmp_path):
+    from engine.serve.checkpoints import CheckpointDir
+
+    ckpt = CheckpointDir(tmp_path / "ckpt")
+    (ckpt.root / "run" / "weights" / "a").mkdir(parents=True)
+    (ckpt.root / "run" / "weights" / "out").symlink_to(tmp_path, target_is_directory=True)
+    assert ckpt.resolve("tinker://run/weights/a") == ("run", "weights", ckpt.root / "run" / "weights" / "a")
+    bad = {"tinker://run/weights/out": "outside the checkpoint dir", "tinker://../weights/a": "plain name",
+           "tinker://run/weights/../a": "must be tinker://", "tinker://run/weights/a/b": "must be tinker://",
+           "tinker://run/other/a": "must be tinker://", "file:///etc": "must be a tinker://",
+           "tinker://run/weights/missing": "no such checkpoint", "tinker://run/weights/": "plain name"}
+    for uri, message in bad.items():
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            ckpt.resolve(uri)
+    with pytest.raises(ValueError, match="needs sampler_weights"):
+        ckpt.resolve("tinker://run/weights/a", kind="sampler_weights")
+
+
+def test_shared_base_trainers_share_weights_and_refuse_full_training(tmp_path):
+    import engine
+
+    path = save_random_checkpoint(tmp_path / "m", "llama")
+    builder = engine.model(path).shared_base()
+    one = builder.with_adapter(rank=2).spawn_train(max_batch_size=64)
+    two = builder.with_adapter(rank=4).spawn_train(max_batch_size=64)
+    assert one._trainer.model.embed.weight is two._trainer.model.embed.weight
+    data = [engine.Datum(engine.ModelInput([1, 2, 3, 4]), {"target_tokens": [2, 3, 4, 5]})]
+    before = two.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    one.forward_backward(data, "cross_entropy")
+    one.optim_step(engine.AdamParams(learning_rate=1e-2)).result()
+    assert two.forward(data, "cross_entropy").result().metrics["loss:sum"] == before
+    with pytest.raises(ValueError, match="only a LoRA adapter"):
+        builder.spawn_train(max_batch_size=64)
+    with pytest.raises(ValueError, match="tp must be 1"):
+        builder.tp(2).with_adapter(rank=2).spawn_train(max_batch_size=64)
+    one.close()
+    two.close()
