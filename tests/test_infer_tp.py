@@ -86,7 +86,7 @@ def _train_and_sample(folder, tp, prompt, out):
                          loss_fn_inputs={"target_tokens": prompt[1:]})
     trainer = engine.model(folder).tp(tp).with_adapter(rank=4).spawn_train(max_batch_size=64)
     try:
-        sampler = trainer.save_weights_and_get_sampling_client(kv_cache_tokens=256, block_size=4)
+        sampler = trainer.save_weights_and_get_sampling_client(kind="inflight", kv_cache_tokens=256, block_size=4)
         before = sampler.compute_logprobs(prompt).result(timeout=120)
         trainer.forward_backward([datum], "cross_entropy")
         trainer.optim_step(engine.AdamParams(learning_rate=0.05)).result(timeout=120)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models import add_lora, load_config, load_model, share_weights
+from engine.models import add_lora, load_config, load_model, load_tokenizer, share_weights
 from engine.parallel import check_tp
 from engine.train.remote import RemoteTrainer
 from engine.train.trainer import Trainer, enable_activation_checkpointing
@@ -189,9 +189,10 @@ class ModelBuilder:
                              "(sample(..., adapter=path)) or use create_sampling_client")
         from engine.infer import InferenceModel
 
+        kwargs.setdefault("base_model", self._name)
         source = self._path if self._shared is None else self._load(dtype, device)
         return InferenceModel(source, max_batch_size=max_batch_size, dtype=dtype, device=device, tp=self._tp,
-                              tokenizer=_tokenizer(self._path), **kwargs)
+                              tokenizer=load_tokenizer(self._path), **kwargs)
 
     async def spawn_inference_async(self, max_batch_size: int = 2048, **kwargs):
         loop = asyncio.get_running_loop()
@@ -200,15 +201,6 @@ class ModelBuilder:
     async def spawn_train_async(self, max_batch_size: int, **kwargs) -> TrainingModel:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, functools.partial(self.spawn_train, max_batch_size, **kwargs))
-
-
-def _tokenizer(path: Path):
-    """The checkpoint's tokenizer when it ships one (enables string stop sequences)."""
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def model(path_or_name: str | Path) -> ModelBuilder:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import CheckpointError, load_weights, read_config, weight_map
+from .checkpoint import CheckpointError, load_tokenizer, load_weights, read_config, weight_map
 from .config import ConfigError, LlamaConfig, MistralConfig, ModelConfig, Qwen2Config, Qwen3Config
 from .lora import LoRAConfig, LoRALinear, add_lora
 from .packing import PackedBatch
@@ -92,7 +92,7 @@ def share_weights(model: Transformer) -> Transformer:
 __all__ = [
     "CheckpointError", "ConfigError", "LlamaConfig", "LoRAConfig", "LoRALinear", "MistralConfig", "ModelConfig",
     "PackedBatch", "Qwen2Config", "Qwen3Config", "Transformer", "adapter_stamp", "adapter_tensors", "add_lora",
-    "build_model", "load_config", "load_model", "load_peft_lora", "lora_state_dict_to_peft", "parse_config",
-    "peft_config", "read_peft_adapter", "read_peft_snapshot", "register", "save_peft_lora", "set_adapter_stack",
-    "share_weights", "supported_model_types", "weight_map",
+    "build_model", "load_config", "load_model", "load_peft_lora", "load_tokenizer", "lora_state_dict_to_peft",
+    "parse_config", "peft_config", "read_peft_adapter", "read_peft_snapshot", "register", "save_peft_lora",
+    "set_adapter_stack", "share_weights", "supported_model_types", "weight_map",
 ]
