@@ -110,6 +110,10 @@ def test_supervised_steps_lower_the_loss_and_chunks_run_in_seq_id_order(service)
         losses.append(fb.result().metrics["loss:sum"])
         assert step.result().metrics["grad_norm:mean"] > 0
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    custom = tc.forward_backward_custom(DATA, lambda data, logprobs: (-sum(lp.sum() for lp in logprobs), {})).result()
+    plain = tc.forward(DATA, "cross_entropy").result().metrics["loss:sum"]
+    assert custom.metrics["loss:sum"] == pytest.approx(plain, rel=1e-5)  # the SDK runs it client-side
+    tc.optim_step(types.AdamParams(learning_rate=0.0)).result()  # drop its gradient
     whole = tc.forward(DATA, "cross_entropy").result()
     holder = tc.holder  # one datum per chunk: the SDK posts chunks 1..3 before chunk 0
     config = holder._client_config
@@ -166,6 +170,17 @@ def test_rl_losses_on_sampled_data(service):
     datums = sample_datums(prompt, response)
     for loss in ("importance_sampling", "ppo", "cispo", "dro"):
         out = tc.forward_backward(datums, loss).result()
+        if loss == "ppo":  # per-datum thresholds: per token in one datum, one number in another
+            n = datums[0].model_input.length
+            datums[0].loss_fn_inputs.update(clip_low_threshold=TensorData.from_torch(torch.full((n,), 0.9)),
+                                            clip_high_threshold=TensorData.from_torch(torch.full((n,), 1.1)))
+            datums[1].loss_fn_inputs.update(clip_low_threshold=TensorData.from_torch(torch.tensor(0.5)),
+                                            clip_high_threshold=TensorData.from_torch(torch.tensor(2.0)))
+            clipped = tc.forward(datums, "ppo").result()
+            assert clipped.metrics["loss:sum"] == pytest.approx(tc.forward(datums[:1], "ppo").result().metrics[
+                "loss:sum"] + tc.forward(datums[1:], "ppo").result().metrics["loss:sum"], rel=1e-5)
+            for d in datums[:2]:
+                del d.loss_fn_inputs["clip_low_threshold"], d.loss_fn_inputs["clip_high_threshold"]
         assert math.isfinite(out.metrics["loss:sum"]), loss
         for datum, seq, lp in zip(datums, response.sequences, out.loss_fn_outputs):
             # the sampler is a snapshot of these weights: the trainer sees the same logprobs
@@ -278,6 +293,7 @@ def test_bad_requests_fail_alone(server, service):
     assert math.isfinite(slow.result().metrics["loss:sum"])
     assert math.isfinite(tc.optim_step(ADAM).result().metrics["grad_norm:mean"])
     assert server.post("/api/v1/retrieve_future", json={"request_id": "req-999999"}).status_code == 410
+    assert "not supported" in server.post("/api/v1/copy_weights", json={}).json()["detail"]
 
 
 def test_cookbook_loops(server, service, tmp_path):

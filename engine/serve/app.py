@@ -131,6 +131,11 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
         except KeyError:
             return _error(404, f"unknown sampler {request.path_params['sampler_id']!r}")
 
+    async def unsupported(request: Request) -> Response:
+        return _error(404, f"{request.method} {request.url.path} is not supported by this server (python -m engine "
+                           "serve: training, sampling and checkpoints; no REST client, custom-loss upload, weight "
+                           "copies or external saves)")
+
     capabilities = {"supported_models": [{"model_name": b.name, "max_context_length": b.context, "trainable": True,
                                           "sampleable": True} for b in service.bases.values()]}
     v1 = "/api/v1"
@@ -161,6 +166,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
         Route(f"{v1}/asample", direct(lambda b, _: service.sample(b)), methods=["POST"]),
         Route(f"{v1}/retrieve_future", retrieve_future, methods=["POST"]),
         Route(f"{v1}/retrieve_futures", retrieve_futures, methods=["POST"]),
+        Route(f"{v1}/{{rest:path}}", unsupported, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     app = Starlette(routes=routes)
     return app if api_key is None else _KeyCheck(app, api_key)

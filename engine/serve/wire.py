@@ -80,6 +80,8 @@ def tensor_from_proto(msg, *, where: str) -> torch.Tensor:
         return torch.sparse_csr_tensor(torch.from_numpy(crow.copy()), torch.from_numpy(col.copy()),
                                        torch.from_numpy(values.copy()), size=shape).to_dense()
     array = np.frombuffer(msg.dense, dtype=dtype).copy()
+    if not shape and array.size == 1:  # a number for the whole datum (e.g. a clip threshold)
+        return torch.from_numpy(array.reshape(()))
     if shape:
         if math.prod(shape) != array.size:
             raise ValueError(f"{where}: shape {shape} does not match its {array.size} values")
