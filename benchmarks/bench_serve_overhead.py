@@ -15,12 +15,9 @@ encoding and HTTP posts, the server's decode, seq_id queue and result encoding, 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
 from benchmarks.harness import save, table  # noqa: E402
 from engine.models.presets import save_random_checkpoint  # noqa: E402
+from engine.serve.process import launch  # noqa: E402
 
 KEY = "tml-bench"
 NAME = "bench/tiny-qwen3"
@@ -47,22 +45,6 @@ def median_ms(fn, *, calls: int, warmup: int = 5) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def start_server(model: Path, checkpoints: Path) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TINKER_TELEMETRY="0")
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", f"{NAME}={model}", "--port", "0",
-                             "--checkpoint-dir", str(checkpoints), "--api-key", KEY], stdout=subprocess.PIPE,
-                            text=True, env=env)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=300)
-    if not line or not line[0].startswith("serving on "):
-        proc.kill()
-        raise RuntimeError(f"the server did not start (stdout: {line!r})")
-    return proc, line[0].split()[-1]
 
 
 def main() -> None:
@@ -81,7 +63,7 @@ def main() -> None:
 
     local = engine.model(model).with_adapter(rank=8).spawn_train(max_batch_size=8192)
     local_data = [engine.Datum(engine.ModelInput(s[:-1]), {"target_tokens": s[1:]}) for s in seqs]
-    proc, url = start_server(model, tmp / "checkpoints")
+    proc, url = launch({NAME: model}, checkpoint_dir=tmp / "checkpoints", api_key=KEY)
     try:
         client = tinker.ServiceClient(base_url=url, api_key=KEY)
         trainer = client.create_lora_training_client(base_model=NAME, rank=8).result()

@@ -4,10 +4,8 @@ sampled id is a byte), on a free loopback port, with an API key."""
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -25,9 +23,9 @@ from tinker import types  # noqa: E402
 from tinker.types.tensor_data import TensorData  # noqa: E402
 
 from engine.models.presets import save_random_checkpoint  # noqa: E402
+from engine.serve.process import launch  # noqa: E402
 from tinker_loops import rl_loop, sl_loop  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 NAME = "tiny/Qwen3-test"
 KEY = "tml-test-key"
 EOS = 256  # the byte tokenizer's <|endoftext|>
@@ -57,19 +55,13 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model = save_random_checkpoint(root / "tiny", "qwen3", tokenizer=True, vocab_size=259, seed=1)
     log = root / "server.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", f"{NAME}={model}", "--port", "0",
-                                 "--checkpoint-dir", str(root / "checkpoints"), "--api-key", KEY,
-                                 "--max-batch-size", "2048"], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=120)
-    if not line or not line[0].startswith("serving on http://127.0.0.1:"):
-        proc.kill()
-        pytest.fail(f"the server did not start: stdout {line!r}, stderr:\n{log.read_text()}")
-    yield Server(proc, line[0].split()[-1], root / "checkpoints", log)
+        try:
+            proc, url = launch({NAME: model}, checkpoint_dir=root / "checkpoints", api_key=KEY,
+                               args=("--max-batch-size", "2048"), stderr=err, timeout=120)
+        except RuntimeError as e:
+            pytest.fail(f"{e}; stderr:\n{log.read_text()}")
+    yield Server(proc, url, root / "checkpoints", log)
     if proc.poll() is None:
         proc.kill()
         proc.wait()
