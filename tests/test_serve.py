@@ -247,6 +247,30 @@ def test_trainers_and_samplers_live_side_by_side(service):
     assert base.compute_logprobs(prompt).result() == before_base
     assert snapshot.compute_logprobs(prompt).result() == before_snapshot  # a snapshot: later steps unseen
     assert later.compute_logprobs(prompt).result() != before_snapshot
+    named = a.save_weights_for_sampler("named").result().path
+    assert named.endswith("/sampler_weights/named")
+    by_path = service.create_sampling_client(model_path=named).result()
+    assert by_path.get_base_model() == NAME
+    assert by_path.compute_logprobs(prompt).result() == later.compute_logprobs(prompt).result()
+
+
+def test_finished_session_releases_its_training_clients(server):
+    other = tinker.ServiceClient(base_url=server.url, api_key=KEY)
+    tc = other.create_lora_training_client(base_model=NAME, rank=4).result()
+    model_id = tc.get_info().model_id
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    response = sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 2, types.SamplingParams(max_tokens=2)).result()
+    session = model_id.split(":")[0]
+    polled = server.post("/api/v1/retrieve_futures", json={"target": {"sampling_session_id": f"{session}:sample:0"},
+                                                           "prev_cursor": 0}).json()
+    assert [c["state"] for c in polled["completions"]] == ["finished"] and polled["cursor"] == 1
+    assert {s.sequence_id.rsplit(":", 1)[0] for s in response.sequences} == {polled["completions"][0]["request_id"]}
+    snapshots = list(server.checkpoints.glob(f"{model_id.replace(':', '_')}/sampler_weights/ephemeral-*"))
+    assert len(snapshots) == 1
+    other.close("success").result()
+    assert server.post("/api/v1/get_info", json={"model_id": model_id}).status_code == 400
+    assert server.post("/api/v1/session_heartbeat", json={"session_id": session}).status_code == 410
+    assert not snapshots[0].exists()
 
 
 def test_bad_requests_fail_alone(server, service):

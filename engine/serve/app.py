@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import signal
 import sys
@@ -186,7 +187,7 @@ class _KeyCheck:
         if scope["type"] == "http":
             headers = dict(scope["headers"])
             given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")
-            if given != self.key:
+            if not hmac.compare_digest(given, self.key):
                 await _error(401, "missing or wrong API key (send it as X-API-Key)")(scope, receive, send)
                 return
         await self.app(scope, receive, send)

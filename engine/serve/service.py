@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from .futures import Futures, Reply, SeqQueue, json_reply, settle
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+_EPHEMERAL = "ephemeral-"  # sampler snapshots that only a sampling session names
 _UNSUPPORTED_SAMPLE = ("topk_prompt_logprobs", "topk_sample_logprobs", "target_prompt_logprobs",
                        "prompt_alt_tokens_k", "prompt_logprobs_last_n", "record_stability_info")
 
@@ -99,13 +101,19 @@ class Service:
         return session_id
 
     async def finish_session(self, session_id: str) -> None:
-        """Mark finished; its training runs end once their current call has."""
+        """Mark finished; its training runs end once their current call has, and the sampler
+        snapshots of ``save_weights_and_get_sampling_client`` (named by no URI) are deleted."""
         self.sessions[session_id] = True
+        for sampler_id in [k for k in self.samplers if k.startswith(f"{session_id}:")]:
+            del self.samplers[sampler_id]
         for run in [r for r in self.runs.values() if r.session_id == session_id]:
             del self.runs[run.model_id]
             run.queue.close(f"session {session_id} finished")
             if run.model is not None:
                 await self._blocking(run.model.close)
+            folder = self.checkpoints.run_folder(run.folder) / "sampler_weights"
+            for snapshot in folder.glob(f"{_EPHEMERAL}*") if folder.is_dir() else ():
+                await self._blocking(shutil.rmtree, snapshot, True)
 
     # -- training runs ----------------------------------------------------------------------------
     def _reserve(self, session_id: Any, model_seq_id: Any, base_model: Any) -> Run:
@@ -228,7 +236,7 @@ class Service:
             if name is None:  # save_weights_and_get_sampling_client: a snapshot for a new sampling session
                 if isinstance(session_seq, bool) or not isinstance(session_seq, int):
                     raise ValueError("save_weights_for_sampler needs a path or a sampling_session_seq_id")
-                name = f"ephemeral-{session_seq}"
+                name = f"{_EPHEMERAL}{session_seq}"
             check_name(name, what="save_weights_for_sampler name")
             folder = self.checkpoints.folder(run.folder, "sampler_weights", name)
             if folder.exists():
