@@ -132,10 +132,13 @@ def test_seq_ids_posted_out_of_order_run_in_order(server, service):
                      headers={"Content-Type": "application/x-protobuf"}).json()["request_id"]
     assert server.result(fb).headers["content-type"] == "application/x-protobuf"
     assert server.result(step).json()["metrics"]["grad_norm:mean"] > 0  # the gradient of seq_id 1 was there
-    again = server.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": 2,
+    again = server.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": 2,  # a retried post
                                                     "adam_params": {"learning_rate": 1e-2}}).json()["request_id"]
-    failed = server.result(again).json()
-    assert failed["category"] == "user" and "seq_id 2 was already used" in failed["error"]
+    assert again == step
+    stale = server.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": 0,
+                                                    "adam_params": {"learning_rate": 1e-2}}).json()["request_id"]
+    failed = server.result(stale).json()
+    assert failed["category"] == "user" and "its next seq_id is 3" in failed["error"]
 
 
 def sample_datums(prompt: list[int], response: types.SampleResponse) -> list[types.Datum]:

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from .futures import failure
 from .service import Service
 
-POLL_S = 20.0  # the SDK waits 45 s for a retrieve_future answer
+POLL_S = 30.0  # the SDK waits 45 s for a retrieve_future answer
 CLIENT_CONFIG = {"pjwt_auth_enabled": False, "credential_default_source": "api_key", "parallel_fwdbwd_chunks": True,
                  "proto_compress_fwdbwd": False, "sample_use_retrieve_futures": False,
                  "custom_loss_server_side": False, "sample_join_sampling_session": False}

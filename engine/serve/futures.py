@@ -117,8 +117,8 @@ class SeqQueue:
         if fut.done():
             return
         if isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < self.next_seq_id or seq_id in self._waiting:
-            fut.set_exception(RequestFailed(f"seq_id {seq_id!r} was already used or is not an int; this training "
-                                            f"client's next seq_id is {self.next_seq_id}", "user"))
+            fut.set_exception(RequestFailed(f"seq_id {seq_id!r} is not an int of this training client's queue "
+                                            f"(its next seq_id is {self.next_seq_id})", "user"))
             return
         self._waiting[seq_id] = (fut, work)
         self._pump()

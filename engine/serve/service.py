@@ -57,6 +57,7 @@ class Run:
     base: Base
     lora: dict
     queue: SeqQueue = field(default_factory=SeqQueue)
+    requests: dict[int, str] = field(default_factory=dict)  # seq_id -> request id
     model: TrainingModel | None = None  # None while loading
 
     @property
@@ -181,33 +182,44 @@ class Service:
     def queued(self, body: dict, make: Callable[[Run], Reply | Any]) -> str:
         """A request id at once; ``make(run)`` (a coroutine of the reply) runs in the run's
         seq_id order. A request naming no known run fails its own future only."""
-        request_id, fut = self.futures.new()
         try:
             run = self.run(body.get("model_id"))
         except ValueError as e:
-            fut.set_exception(e)
-            return request_id
-        run.queue.submit(body.get("seq_id"), fut, lambda: make(run))
+            return self._failed(e)
+        return self._enqueue(run, body.get("seq_id"), lambda: make(run))
+
+    def _failed(self, error: Exception) -> str:
+        request_id, fut = self.futures.new()
+        fut.set_exception(error)
+        return request_id
+
+    def _enqueue(self, run: Run, seq_id: Any, work: Callable[[], Any]) -> str:
+        """File ``work`` under ``seq_id``; a post of a seq_id already filed (the SDK retries a
+        post whose answer it lost) gets that request's id back, and nothing runs twice."""
+        known = run.requests.get(seq_id) if isinstance(seq_id, int) else None
+        if known is not None:
+            return known
+        request_id, fut = self.futures.new()
+        run.queue.submit(seq_id, fut, work)
+        if not fut.done():
+            run.requests[seq_id] = request_id
         return request_id
 
     def forward_backward(self, body: bytes, content_type: str, *, forward_only: bool = False) -> str:
-        request_id, fut = self.futures.new()
         try:
             if wire.PROTOBUF not in content_type:
                 raise ValueError(f"forward_backward body must be {wire.PROTOBUF}, got {content_type or 'none'!r}")
             call = wire.decode_forward_backward(body)
             run = self.run(call.model_id)
         except ValueError as e:
-            fut.set_exception(e)
-            return request_id
+            return self._failed(e)
 
         async def work() -> Reply:
             data = [Datum(ModelInput(tokens), inputs) for tokens, inputs in call.data]
             method = run.model.forward if forward_only or call.forward_only else run.model.forward_backward
             out = await method(data, call.loss_fn, call.loss_fn_config)
             return wire.PROTOBUF, wire.encode_forward_backward_output(out.loss_fn_outputs, out.metrics)
-        run.queue.submit(call.seq_id, fut, work)
-        return request_id
+        return self._enqueue(run, call.seq_id, work)
 
     def optim_step(self, body: dict) -> str:
         async def work(run: Run) -> Reply:
