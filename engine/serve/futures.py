@@ -116,6 +116,9 @@ class SeqQueue:
     def submit(self, seq_id: int, fut: concurrent.futures.Future, work: Callable[[], Awaitable[Reply]]) -> None:
         if fut.done():
             return
+        if self.closed is not None:
+            fut.set_exception(RequestFailed(self.closed, "server"))
+            return
         if isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < self.next_seq_id or seq_id in self._waiting:
             fut.set_exception(RequestFailed(f"seq_id {seq_id!r} is not an int of this training client's queue "
                                             f"(its next seq_id is {self.next_seq_id})", "user"))

@@ -107,6 +107,8 @@ class Service:
         self.sessions[session_id] = True
         for sampler_id in [k for k in self.samplers if k.startswith(f"{session_id}:")]:
             del self.samplers[sampler_id]
+            self._completed.pop(sampler_id, None)
+            self._pending.pop(sampler_id, None)
         for run in [r for r in self.runs.values() if r.session_id == session_id]:
             del self.runs[run.model_id]
             run.queue.close(f"session {session_id} finished")
