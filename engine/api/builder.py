@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import threading
 from pathlib import Path
 
 import torch
@@ -100,15 +101,16 @@ class ModelBuilder:
         only: full-weight training would change them for all) and ``spawn_inference`` of this
         builder and of the builders derived from it a model sharing them (``share_weights``):
         several adapters train and a sampler serves on one copy of the base. tp=1 only."""
-        return self._with(shared={})
+        return self._with(shared={}, shared_lock=threading.Lock())
 
     def _load(self, dtype: torch.dtype, device: torch.device):
         """The model a tp=1 spawn runs: its own, or one sharing this builder's base weights."""
         if self._shared is None:
             return load_model(self._path, dtype=dtype, device=device)
         key = (dtype, str(device))
-        if key not in self._shared:
-            self._shared[key] = load_model(self._path, dtype=dtype, device=device)
+        with self._shared_lock:  # spawns on several threads load it once
+            if key not in self._shared:
+                self._shared[key] = load_model(self._path, dtype=dtype, device=device)
         return share_weights(self._shared[key])
 
     def _check(self, max_batch_size) -> tuple[torch.dtype, torch.device]:
