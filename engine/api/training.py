@@ -10,8 +10,12 @@ rank ends the model.
 Checkpoint names: ``save_state(name)`` and ``save_weights_for_sampler(name)`` write a bare
 name (no ``/``) inside ``checkpoint_dir``; an explicit location is a ``pathlib.Path`` or an
 absolute path string, used as given; a relative path string with ``/``, any ``..``, an empty
-name and the root are refused. ``load_state`` takes what ``save_state`` returned (an absolute
-path), or a bare name, looked up inside ``checkpoint_dir``.
+name and the root are refused. ``load_state`` takes what ``save_state`` returned (a
+path-like SaveWeightsResponse), its ``path``, or a bare name, looked up inside
+``checkpoint_dir``.
+
+Sampling clients (``save_weights_and_get_sampling_client``: a snapshot of the weights, or
+the inflight engine that shares them) are described in engine/api/sampling.py.
 """
 from __future__ import annotations
 
@@ -270,10 +274,9 @@ class TrainingModel:
         return ClientFuture(self._submit(call).future())
 
     def _engine(self, model, kwargs: dict) -> InferenceModel:
-        kwargs = dict(kwargs)
-        kwargs.setdefault("gpu_memory_fraction", 0.3)  # it shares the GPU with training
-        return InferenceModel(model, max_batch_size=kwargs.pop("max_batch_size", 2048), tokenizer=self._get_tokenizer(),
-                              base_model=self._info["model"], **kwargs)
+        kwargs = {"gpu_memory_fraction": 0.3,  # it shares the GPU with training
+                  "max_batch_size": 2048, "tokenizer": self._get_tokenizer(), "base_model": self._info["model"], **kwargs}
+        return InferenceModel(model, **kwargs)
 
     def _shared(self, kwargs: dict) -> InferenceModel:
         """The shared engine, made on first use (on the training thread: no call of this
@@ -297,9 +300,11 @@ class TrainingModel:
         kwargs.setdefault("tp", self._info["tp"])  # the same number of ranks as this model
         kwargs.setdefault("base_model", self._info["model"])
         if (folder / "adapter_config.json").is_file():
-            client = InferenceModel(self._source, adapter=str(folder), tokenizer=self._get_tokenizer(), **kwargs)
+            kwargs.setdefault("tokenizer", self._get_tokenizer())
+            client = InferenceModel(self._source, adapter=str(folder), **kwargs)
         elif (folder / "config.json").is_file():
-            client = InferenceModel(folder, tokenizer=load_tokenizer(folder) or self._get_tokenizer(), **kwargs)
+            kwargs.setdefault("tokenizer", load_tokenizer(folder) or self._get_tokenizer())
+            client = InferenceModel(folder, **kwargs)
         else:
             raise FileNotFoundError(f"path {str(model_path)!r}: neither a PEFT adapter folder nor a Hugging Face "
                                     f"model folder")
