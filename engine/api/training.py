@@ -242,14 +242,15 @@ class TrainingModel:
     def _export(self, folder: Path) -> Path:
         return self._trainer.save_for_sampler(self._source, folder)
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None, *, kind: str = "snapshot",
-                                             **kwargs) -> ClientFuture:
+    def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None, *,
+                                             kind: str = "snapshot", **kwargs) -> ClientFuture:
         """Future of a sampling client of this model's weights, usable as the client itself
         (Tinker's). ``kind="snapshot"`` (default): the weights when the call runs, fixed;
         ``kind="inflight"``: the shared engine (``InferenceModel``) over the live weights, one
         per model (engine/api/sampling.py). With ``name``, the weights are also saved for a
         sampler there first. ``kwargs`` (kv_cache_tokens, ...) go to the engine when one is
-        made (the shared one is made once)."""
+        made (the shared one is made once). ``retry_config`` has no use in-process (nothing
+        is sent over a network) and is accepted so that Tinker code runs unchanged."""
         if kind not in ("snapshot", "inflight"):
             raise ValueError(f"kind must be 'snapshot' or 'inflight', got {kind!r}")
         if self._trainer.value_head is not None:
@@ -291,11 +292,11 @@ class TrainingModel:
     async def save_weights_and_get_sampling_client_async(self, *a, **k):
         return await self.save_weights_and_get_sampling_client(*a, **k)
 
-    def create_sampling_client(self, model_path: str | os.PathLike, **kwargs) -> ClientFuture:
+    def create_sampling_client(self, model_path: str | os.PathLike, retry_config=None, **kwargs) -> ClientFuture:
         """Future (already done) of a sampling client (``InferenceModel``) of weights saved by
         ``save_weights_for_sampler``: a PEFT adapter folder (served on this model's base
         checkpoint) or a full Hugging Face folder; usable as the client itself. It runs at
-        this model's tp unless ``tp=`` says otherwise."""
+        this model's tp unless ``tp=`` says otherwise; ``retry_config`` as above."""
         folder = Path(model_path)
         kwargs.setdefault("tp", self._info["tp"])  # the same number of ranks as this model
         kwargs.setdefault("base_model", self._info["model"])
