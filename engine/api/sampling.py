@@ -44,6 +44,12 @@ class ClientFuture(Future):
     def __exit__(self, *exc):
         return self.result().__exit__(*exc)
 
+    def __repr__(self) -> str:
+        inner = self.future()
+        state = "pending" if not inner.done() else f"failed: {inner.exception()!r}" if inner.exception() \
+            else repr(inner.result())
+        return f"<ClientFuture: {state}>"
+
     @classmethod
     def of(cls, client) -> "ClientFuture":
         """A future already holding ``client``."""
@@ -68,7 +74,7 @@ class SamplingClient:
     def closed(self) -> bool:
         return not self._cleanup.alive or self.engine.closed
 
-    def sample(self, prompt, num_samples: int = 1, sampling_params=None, *, include_prompt_logprobs: bool = False,
+    def sample(self, prompt, num_samples: int = 1, sampling_params=None, include_prompt_logprobs: bool = False,
                topk_prompt_logprobs: int = 0) -> Future:
         """As ``InferenceModel.sample``, on this client's weights."""
         if not self._cleanup.alive:

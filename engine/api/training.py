@@ -10,8 +10,12 @@ rank ends the model.
 Checkpoint names: ``save_state(name)`` and ``save_weights_for_sampler(name)`` write a bare
 name (no ``/``) inside ``checkpoint_dir``; an explicit location is a ``pathlib.Path`` or an
 absolute path string, used as given; a relative path string with ``/``, any ``..``, an empty
-name and the root are refused. ``load_state`` takes what ``save_state`` returned (an absolute
-path), or a bare name, looked up inside ``checkpoint_dir``.
+name and the root are refused. ``load_state`` takes what ``save_state`` returned (a
+path-like SaveWeightsResponse), its ``path``, or a bare name, looked up inside
+``checkpoint_dir``.
+
+Sampling clients (``save_weights_and_get_sampling_client``: a snapshot of the weights, or
+the inflight engine that shares them) are described in engine/api/sampling.py.
 """
 from __future__ import annotations
 
@@ -238,14 +242,15 @@ class TrainingModel:
     def _export(self, folder: Path) -> Path:
         return self._trainer.save_for_sampler(self._source, folder)
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None, *, kind: str = "snapshot",
-                                             **kwargs) -> ClientFuture:
+    def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None, *,
+                                             kind: str = "snapshot", **kwargs) -> ClientFuture:
         """Future of a sampling client of this model's weights, usable as the client itself
         (Tinker's). ``kind="snapshot"`` (default): the weights when the call runs, fixed;
         ``kind="inflight"``: the shared engine (``InferenceModel``) over the live weights, one
         per model (engine/api/sampling.py). With ``name``, the weights are also saved for a
         sampler there first. ``kwargs`` (kv_cache_tokens, ...) go to the engine when one is
-        made (the shared one is made once)."""
+        made (the shared one is made once). ``retry_config`` has no use in-process (nothing
+        is sent over a network) and is accepted so that Tinker code runs unchanged."""
         if kind not in ("snapshot", "inflight"):
             raise ValueError(f"kind must be 'snapshot' or 'inflight', got {kind!r}")
         if self._trainer.value_head is not None:
@@ -270,10 +275,9 @@ class TrainingModel:
         return ClientFuture(self._submit(call).future())
 
     def _engine(self, model, kwargs: dict) -> InferenceModel:
-        kwargs = dict(kwargs)
-        kwargs.setdefault("gpu_memory_fraction", 0.3)  # it shares the GPU with training
-        return InferenceModel(model, max_batch_size=kwargs.pop("max_batch_size", 2048), tokenizer=self._get_tokenizer(),
-                              base_model=self._info["model"], **kwargs)
+        kwargs = {"gpu_memory_fraction": 0.3,  # it shares the GPU with training
+                  "max_batch_size": 2048, "tokenizer": self._get_tokenizer(), "base_model": self._info["model"], **kwargs}
+        return InferenceModel(model, **kwargs)
 
     def _shared(self, kwargs: dict) -> InferenceModel:
         """The shared engine, made on first use (on the training thread: no call of this
@@ -288,18 +292,20 @@ class TrainingModel:
     async def save_weights_and_get_sampling_client_async(self, *a, **k):
         return await self.save_weights_and_get_sampling_client(*a, **k)
 
-    def create_sampling_client(self, model_path: str | os.PathLike, **kwargs) -> ClientFuture:
+    def create_sampling_client(self, model_path: str | os.PathLike, retry_config=None, **kwargs) -> ClientFuture:
         """Future (already done) of a sampling client (``InferenceModel``) of weights saved by
         ``save_weights_for_sampler``: a PEFT adapter folder (served on this model's base
         checkpoint) or a full Hugging Face folder; usable as the client itself. It runs at
-        this model's tp unless ``tp=`` says otherwise."""
+        this model's tp unless ``tp=`` says otherwise; ``retry_config`` as above."""
         folder = Path(model_path)
         kwargs.setdefault("tp", self._info["tp"])  # the same number of ranks as this model
         kwargs.setdefault("base_model", self._info["model"])
         if (folder / "adapter_config.json").is_file():
-            client = InferenceModel(self._source, adapter=str(folder), tokenizer=self._get_tokenizer(), **kwargs)
+            kwargs.setdefault("tokenizer", self._get_tokenizer())
+            client = InferenceModel(self._source, adapter=str(folder), **kwargs)
         elif (folder / "config.json").is_file():
-            client = InferenceModel(folder, tokenizer=load_tokenizer(folder) or self._get_tokenizer(), **kwargs)
+            kwargs.setdefault("tokenizer", load_tokenizer(folder) or self._get_tokenizer())
+            client = InferenceModel(folder, **kwargs)
         else:
             raise FileNotFoundError(f"path {str(model_path)!r}: neither a PEFT adapter folder nor a Hugging Face "
                                     f"model folder")

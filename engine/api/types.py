@@ -228,7 +228,7 @@ class AdamParams:
     """AdamW hyperparameters for one ``optim_step`` (torch.optim.AdamW semantics);
     ``grad_clip_norm`` > 0 clips the global gradient norm first."""
 
-    learning_rate: float
+    learning_rate: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-12

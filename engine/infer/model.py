@@ -107,8 +107,8 @@ class InferenceModel:
 
     # ------------------------------------------------------------------ public API
 
-    def sample(self, prompt, num_samples: int = 1, sampling_params: SamplingParams | dict | None = None, *,
-               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, adapter=None) -> Future:
+    def sample(self, prompt, num_samples: int = 1, sampling_params: SamplingParams | dict | None = None,
+               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *, adapter=None) -> Future:
         """Future of a :class:`SampleResponse` with ``num_samples`` continuations of ``prompt``
         (list of ids, or an object with ``to_ints()``); ``sampling_params``: a SamplingParams
         or a dict of its fields; ``adapter``: a PEFT adapter folder."""
