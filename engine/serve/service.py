@@ -230,7 +230,8 @@ class Service:
                 raise ValueError("optim_step needs adam_params; this server runs AdamW only")
             names = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
             out = await run.model.optim_step(AdamParams(**{k: params[k] for k in names if k in params}))
-            return json_reply({"type": "optim_step", "metrics": wire.with_reductions(out.metrics)})
+            # As in-process (``grad_norm``, ``step``...): the SDK combines no optim_step metrics.
+            return json_reply({"type": "optim_step", "metrics": out.metrics})
         return self.queued(body, work)
 
     def save_weights(self, body: dict) -> str:
