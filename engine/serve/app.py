@@ -105,19 +105,17 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
         return JSONResponse({"completions": [{"state": state, "request_id": rid} for rid, state in done[cursor:]],
                              "cursor": max(cursor, len(done))})
 
-    def heartbeat(body: dict, _) -> dict:
+    async def heartbeat(request: Request) -> Response:
+        try:
+            body = await _json(request)
+        except ValueError as e:
+            return _error(400, str(e))
         finished = service.sessions.get(body.get("session_id"))
         if finished is None:
-            raise KeyError(body.get("session_id"))
+            return _error(404, f"unknown session {body.get('session_id')!r}")
         if finished:
-            raise SessionFinished
-        return {"type": "session_heartbeat"}
-
-    async def heartbeat_endpoint(request: Request) -> Response:
-        try:
-            return await direct(heartbeat)(request)
-        except SessionFinished:
-            return _error(410, "session finished")
+            return _error(410, f"session {body['session_id']!r} has finished")
+        return JSONResponse({"type": "session_heartbeat"})
 
     async def finish(request: Request) -> Response:
         session_id = request.path_params["session_id"]
@@ -150,7 +148,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
         Route(f"{v1}/create_session", direct(lambda b, _: {"type": "create_session",
                                                            "session_id": service.create_session()}),
               methods=["POST"]),
-        Route(f"{v1}/session_heartbeat", heartbeat_endpoint, methods=["POST"]),
+        Route(f"{v1}/session_heartbeat", heartbeat, methods=["POST"]),
         Route(f"{v1}/sessions/{{session_id}}/finish", finish, methods=["POST"]),
         Route(f"{v1}/create_model", request_id(service.create_model), methods=["POST"]),
         Route(f"{v1}/get_info", direct(lambda b, _: service.get_info(b.get("model_id"))), methods=["POST"]),
@@ -171,10 +169,6 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
     ]
     app = Starlette(routes=routes)
     return app if api_key is None else _KeyCheck(app, api_key)
-
-
-class SessionFinished(Exception):
-    pass
 
 
 class _KeyCheck:
