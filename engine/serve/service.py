@@ -148,25 +148,22 @@ class Service:
                                                 "model_id": run.model_id})
 
     def create_model(self, body: dict) -> str:
-        def work():
+        async def create() -> Reply:
             run = self._reserve(body.get("session_id"), body.get("model_seq_id"), body.get("base_model"))
-
-            async def create() -> Reply:
-                try:
-                    lora = body.get("lora_config")
-                    if not isinstance(lora, dict):
-                        raise ValueError("lora_config is missing; this server trains LoRA adapters only")
-                    optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
-                    if optimizer != "adamw":
-                        raise ValueError(f"optimizer_config.type {optimizer!r} is not supported; this server "
-                                         "runs AdamW ('adamw')")
-                    self._start(run, lora, await self._blocking(self._spawn, run, lora))
-                except BaseException:
-                    self.runs.pop(run.model_id, None)
-                    raise
-                return json_reply({"model_id": run.model_id, "type": "create_model"})
-            return create()
-        return self.futures.run(_deferred(work))
+            try:
+                lora = body.get("lora_config")
+                if not isinstance(lora, dict):
+                    raise ValueError("lora_config is missing; this server trains LoRA adapters only")
+                optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
+                if optimizer != "adamw":
+                    raise ValueError(f"optimizer_config.type {optimizer!r} is not supported; this server runs "
+                                     "AdamW ('adamw')")
+                self._start(run, lora, await self._blocking(self._spawn, run, lora))
+            except BaseException:
+                self.runs.pop(run.model_id, None)
+                raise
+            return json_reply({"model_id": run.model_id, "type": "create_model"})
+        return self.futures.run(create)
 
     def run(self, model_id: Any) -> Run:
         run = self.runs.get(model_id)
@@ -273,30 +270,27 @@ class Service:
                 return json_reply({"type": "load_weights", "path": body.get("path"), "model_id": run.model_id})
             return self.queued(body, into)
 
-        def work():  # a new training client, created from the state
+        async def create() -> Reply:  # a new training client, created from the state
             src_run, _, folder = self.checkpoints.resolve(body.get("path"), kind="weights")
             saved = self.checkpoints.read_run(src_run)
             if body.get("base_model") not in (None, saved["base_model"]):
                 raise ValueError(f"base_model {body['base_model']!r} differs from the checkpoint's "
                                  f"{saved['base_model']!r}")
             run = self._reserve(body.get("session_id"), body.get("model_seq_id"), saved["base_model"])
-
-            async def create() -> Reply:
+            try:
+                model = await self._blocking(self._spawn, run, saved["lora_config"])
+                load = model.load_state_with_optimizer if body.get("optimizer") else model.load_state
                 try:
-                    model = await self._blocking(self._spawn, run, saved["lora_config"])
-                    load = model.load_state_with_optimizer if body.get("optimizer") else model.load_state
-                    try:
-                        await load(folder)
-                    except BaseException:
-                        await self._blocking(model.close)
-                        raise
-                    self._start(run, saved["lora_config"], model)
+                    await load(folder)
                 except BaseException:
-                    self.runs.pop(run.model_id, None)
+                    await self._blocking(model.close)
                     raise
-                return json_reply({"type": "load_weights", "path": body["path"], "model_id": run.model_id})
-            return create()
-        return self.futures.run(_deferred(work))
+                self._start(run, saved["lora_config"], model)
+            except BaseException:
+                self.runs.pop(run.model_id, None)
+                raise
+            return json_reply({"type": "load_weights", "path": body["path"], "model_id": run.model_id})
+        return self.futures.run(create)
 
     # -- sampling ---------------------------------------------------------------------------------
     def create_sampling_session(self, body: dict) -> str:
@@ -391,9 +385,3 @@ class Service:
         for base in self.bases.values():
             base.sampler.close()
 
-
-def _deferred(start: Callable[[], Any]) -> Callable[[], Any]:
-    """``work`` for Futures.run whose synchronous part (``start``) fails the future too."""
-    async def work():
-        return await start()
-    return work
