@@ -50,7 +50,8 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
     ``Authorization: Bearer``) is not that key gets 401."""
 
     def direct(fn):
-        """A route answering ``fn(request)``'s dict; ValueError -> 400, KeyError -> 404."""
+        """A route answering ``fn(json body, request)`` (a dict or a Response, or a coroutine of
+        one); a body that is not a JSON object or a ValueError -> 400, a KeyError -> 404."""
         async def endpoint(request: Request) -> Response:
             try:
                 result = fn(await _json(request), request)
@@ -60,7 +61,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
                 return _error(400, str(e))
             except KeyError as e:
                 return _error(404, f"unknown id {e}")
-            return JSONResponse(result)
+            return result if isinstance(result, Response) else JSONResponse(result)
         return endpoint
 
     def request_id(submit):
@@ -71,11 +72,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
                                        forward_only=forward_only)
         return JSONResponse({"request_id": rid})
 
-    async def retrieve_future(request: Request) -> Response:
-        try:
-            body = await _json(request)
-        except ValueError as e:
-            return _error(400, str(e))
+    async def retrieve_future(body: dict, _) -> Response:
         fut = service.futures.get(body.get("request_id"))
         if fut is None:
             return _error(410, f"request_id {body.get('request_id')!r} is unknown to this server (lost or expired)")
@@ -89,14 +86,13 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
         media_type, content = fut.result()
         return Response(content, media_type=media_type)
 
-    async def retrieve_futures(request: Request) -> Response:
+    async def retrieve_futures(body: dict, _) -> Response:
         try:
-            body = await _json(request)
             target = body.get("target") or {}
             timeout = min(float(body.get("timeout") or POLL_S), POLL_S)
             cursor = int(body.get("prev_cursor") or 0)
-        except (ValueError, TypeError) as e:
-            return _error(400, f"retrieve_futures: {e}")
+        except (AttributeError, ValueError, TypeError) as e:
+            raise ValueError(f"retrieve_futures: {e}") from None
         done, pending = service.completions(target.get("sampling_session_id"))
         if len(done) <= cursor and pending:
             await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=timeout,
@@ -105,11 +101,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
         return JSONResponse({"completions": [{"state": state, "request_id": rid} for rid, state in done[cursor:]],
                              "cursor": max(cursor, len(done))})
 
-    async def heartbeat(request: Request) -> Response:
-        try:
-            body = await _json(request)
-        except ValueError as e:
-            return _error(400, str(e))
+    def heartbeat(body: dict, _) -> Response:
         finished = service.sessions.get(body.get("session_id"))
         if finished is None:
             return _error(404, f"unknown session {body.get('session_id')!r}")
@@ -148,7 +140,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
         Route(f"{v1}/create_session", direct(lambda b, _: {"type": "create_session",
                                                            "session_id": service.create_session()}),
               methods=["POST"]),
-        Route(f"{v1}/session_heartbeat", heartbeat, methods=["POST"]),
+        Route(f"{v1}/session_heartbeat", direct(heartbeat), methods=["POST"]),
         Route(f"{v1}/sessions/{{session_id}}/finish", finish, methods=["POST"]),
         Route(f"{v1}/create_model", request_id(service.create_model), methods=["POST"]),
         Route(f"{v1}/get_info", direct(lambda b, _: service.get_info(b.get("model_id"))), methods=["POST"]),
@@ -163,8 +155,8 @@ def build_app(service: Service, *, api_key: str | None = None) -> Starlette:
                                    "sampling_session_id": service.create_sampling_session(b)}), methods=["POST"]),
         Route(f"{v1}/samplers/{{sampler_id}}", get_sampler, methods=["GET"]),
         Route(f"{v1}/asample", direct(lambda b, _: service.sample(b)), methods=["POST"]),
-        Route(f"{v1}/retrieve_future", retrieve_future, methods=["POST"]),
-        Route(f"{v1}/retrieve_futures", retrieve_futures, methods=["POST"]),
+        Route(f"{v1}/retrieve_future", direct(retrieve_future), methods=["POST"]),
+        Route(f"{v1}/retrieve_futures", direct(retrieve_futures), methods=["POST"]),
         Route(f"{v1}/{{rest:path}}", unsupported, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     app = Starlette(routes=routes)

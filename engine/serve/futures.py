@@ -68,7 +68,7 @@ class Futures:
         return request_id
 
     def get(self, request_id: str) -> concurrent.futures.Future | None:
-        fut = self._items.get(request_id)
+        fut = self._items.get(request_id) if isinstance(request_id, str) else None
         if fut is not None and fut.done():
             self._read_at.setdefault(request_id, time.monotonic())
         return fut
