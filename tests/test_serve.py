@@ -465,3 +465,12 @@ def test_shared_base_trainers_share_weights_and_refuse_full_training(tmp_path):
         builder.tp(2).with_adapter(rank=2).spawn_train(max_batch_size=64)
     one.close()
     two.close()
+
+
+def test_sigint_stops_a_server_cleanly(tmp_path):
+    model = save_random_checkpoint(tmp_path / "m", "llama")
+    proc, url = launch({"m": model}, checkpoint_dir=tmp_path / "checkpoints", timeout=120)
+    assert url.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
+    assert httpx.get(url + "/api/v1/healthz").json() == {"status": "ok"}  # no --api-key: open
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
