@@ -28,6 +28,8 @@ candidate and summed per family.
     python benchmarks/tune.py                      # every family, writes the device's table
     python benchmarks/tune.py --only lora.gemm,varlen_attention --budget-s 200
     python benchmarks/tune.py --dry-run            # the sweep plan; runs on a CPU
+    python benchmarks/tune.py --smoke --out /tmp/t.json --only lora.gemm  # CPU: tiny shapes under
+                                                   # the interpreter, checks the script, not a measurement
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +46,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--smoke" in sys.argv[1:]:  # the interpreter must be chosen before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from benchmarks import tune_cases  # noqa: E402
 from kernels import configs  # noqa: E402
@@ -92,7 +97,7 @@ def check(outputs, truth, bounds) -> str | None:
     return None
 
 
-def sweep(case, deadline: float) -> tuple[Result, float]:
+def sweep(case, deadline: float, smoke: bool = False) -> tuple[Result, float]:
     """Check and time every candidate of one class until ``deadline``; returns the result
     and the seconds spent in first runs (compilation)."""
     import kernels.triton_base as triton_base
@@ -111,7 +116,7 @@ def sweep(case, deadline: float) -> tuple[Result, float]:
                 try:
                     start = time.monotonic()
                     outs = [run() for run, _, _ in probes]
-                    torch.cuda.synchronize()
+                    sync()
                     first = time.monotonic() - start
                 finally:
                     triton_base.POISON = False
@@ -120,7 +125,8 @@ def sweep(case, deadline: float) -> tuple[Result, float]:
                 if bad:
                     raise ValueError(bad)
                 del outs
-                ms = [time_ms(run, warmup=10, rep=40) for run, _, _ in probes]
+                ms = [time_ms(run, warmup=1, rep=3) if smoke else time_ms(run, warmup=10, rep=40)
+                      for run, _, _ in probes]
         except Exception as e:  # noqa: BLE001 - a candidate that cannot compile, launch or pass is skipped
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             res.measured.append([cand, f"skipped: {msg}"])
@@ -134,8 +140,14 @@ def sweep(case, deadline: float) -> tuple[Result, float]:
         print(f"  {case.kernel} [{case.shape_class}] {cand}: {' / '.join(f'{m:.3f}' for m in ms)} ms "
               f"({score:.2f}x the first that passed), first run {first:.1f} s", flush=True)
     if res.chosen is not None:
-        print(f"  {case.kernel} [{case.shape_class}] chosen: {res.chosen} ({res.score:.2f}x the first that passed)", flush=True)
+        print(f"  {case.kernel} [{case.shape_class}] chosen: {res.chosen} ({res.score:.2f}x the first that passed)",
+              flush=True)
     return res, compile_s
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def write_table(path: Path, results: list[Result]) -> None:
@@ -168,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated kernels or families, e.g. lora.gemm,varlen_attention")
     ap.add_argument("--dry-run", action="store_true", help="print the sweep plan and exit (no GPU needed)")
     ap.add_argument("--out", type=Path, default=None, help="table to write (default: kernels/configs/<device>.json)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on the CPU under the Triton interpreter (needs --out; checks the script only)")
     args = ap.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
-    cases = selected(tune_cases.cases(), only)
+    shapes = tune_cases.SMOKE if args.smoke else tune_cases.Shapes()
+    cases = selected(tune_cases.cases(shapes), only)
     if only and not cases:
         print(f"tune.py: --only {args.only} names no tuned kernel or family; the kernels are: "
               f"{sorted({c.kernel for c in tune_cases.cases()})}", file=sys.stderr)
@@ -178,13 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         plan(cases, args.budget_s)
         return 0
-    if not torch.cuda.is_available():
+    if args.smoke and args.out is None:
+        print("tune.py: --smoke needs --out (a smoke run's table is no device's)", file=sys.stderr)
+        return 2
+    if not args.smoke and not torch.cuda.is_available():
         print("tune.py: no CUDA device here; the sweep needs a GPU (use --dry-run for the plan)", file=sys.stderr)
         return 2
     out = args.out or configs.DIR / configs.file_name(torch.cuda.get_device_name())
     torch.backends.cuda.matmul.allow_tf32 = False  # the truths are true float32
     start, spent = time.monotonic(), 0.0
-    print(f"tuning {torch.cuda.get_device_name()} into {out}, budget {args.budget_s:.0f} s", flush=True)
+    print(f"tuning {'the CPU (smoke)' if args.smoke else torch.cuda.get_device_name()} into {out}, "
+          f"budget {args.budget_s:.0f} s", flush=True)
     for fam, share in FAMILIES:
         spent += share
         mine = [c for c in cases if family(c.kernel) == fam]
@@ -198,14 +217,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {case.kernel} [{case.shape_class}]: not measured, family budget spent", flush=True)
                 continue
             try:
-                res, c_s = sweep(case, deadline)
+                res, c_s = sweep(case, deadline, args.smoke)
             except Exception as e:  # noqa: BLE001 - a class whose inputs cannot be built is reported, not fatal
                 print(f"  {case.kernel} [{case.shape_class}]: FAILED to set up ({type(e).__name__}: {e})", flush=True)
                 continue
             results.append(res)
             compile_s += c_s
         tune_cases.release()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         write_table(out, results)
         print(f"== {fam}: {time.monotonic() - t0:.0f} s, of which first runs (compilation) {compile_s:.0f} s; "
               f"{sum(r.chosen is not None for r in results)} entries written", flush=True)

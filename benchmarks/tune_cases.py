@@ -29,11 +29,28 @@ from kernels.triton_base import dot_block
 
 paged = importlib.import_module("kernels.paged_attention")  # the package's name is bound to the op
 
-BF16 = torch.bfloat16
-LORA_ROWS = 8192
-LORA_SHAPES = ((4096, 4096), (4096, 14336))  # (in, out)
-ATTN_LENGTHS = (4096,) * 6 + (2048,) * 3 + (1024,) * 2  # 32768 tokens
-HQ, HKV = 32, 8
+@dataclass(frozen=True)
+class Shapes:
+    """The target shapes of the sweep (GPU), or tiny ones for a CPU smoke run (SMOKE)."""
+    device: str = "cuda"
+    dtype: torch.dtype = torch.bfloat16
+    lora_rows: int = 8192
+    lora_features: tuple = ((4096, 4096), (4096, 14336))  # (in, out)
+    lora_ranks: tuple = (16, 64, 32)  # rank 8 pads to 16
+    attn_lengths: tuple = (4096,) * 6 + (2048,) * 3 + (1024,) * 2  # 32768 tokens
+    heads: tuple = (32, 8)  # Hq, Hkv
+    head_dims: tuple = (128, 64)
+    ce: tuple = (16384, 4096, (151936, 128256))  # N, H, vocabularies
+    decode: tuple = ((32, 8192), (1, 131072))  # (batch, context)
+    rows: int = 4096  # rows of the fused ops
+    fused: tuple = (("rms_norm", (4096, 2048, 8192)), ("silu_mul", (14336, 8192)), ("rope", (128, 64)))
+
+
+# float32: the interpreter's bf16 tl.dot is wrong (paged attention gives ~1e9 in bf16 on CPU,
+# on main too; triton_base.dot has the workaround the attention kernels do not use).
+SMOKE = Shapes(device="cpu", dtype=torch.float32, lora_rows=40, lora_features=((48, 40), (48, 72)), lora_ranks=(16, 64),
+               attn_lengths=(33, 16, 1), heads=(4, 2), head_dims=(64,), ce=(64, 32, (300,)), decode=((3, 64), (1, 128)),
+               rows=8, fused=(("rms_norm", (40,)), ("silu_mul", (24,)), ("rope", (64,))))
 
 
 @dataclass
@@ -52,13 +69,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return err if math.isfinite(err) else math.inf
 
 
-def bounds(ref, truth, atol: float = 1e-2) -> list[float]:
-    """2x the torch reference's own error (in the working dtype) plus ``atol``, per output."""
+def bounds(ref, truth, atol: float | None = None) -> list[float]:
+    """2x the torch reference's own error (in the working dtype) plus ``atol``, per output
+    (default: 1e-2 for bf16/fp16 references, 1e-4 for float32)."""
+    if atol is None:
+        atol = 1e-2 if ref[0].dtype in (torch.bfloat16, torch.float16) else 1e-4
     return [2 * rel_err(r, t) + atol for r, t in zip(ref, truth)]
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator(device="cuda").manual_seed(seed)
+def _gen(device: str, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,16 +86,16 @@ def _gen(seed: int) -> torch.Generator:
 
 
 @functools.lru_cache(maxsize=1)
-def _lora_data(n: int, k: int, m: int, r: int, p: float) -> dict:
-    g, scale, seed = _gen(0), 2.0, 1234
-    x32 = torch.randn(n, k, device="cuda", generator=g)
-    w32 = torch.randn(m, k, device="cuda", generator=g) * k**-0.5
-    a32 = torch.randn(r, k, device="cuda", generator=g) * k**-0.5
-    b32 = torch.randn(m, r, device="cuda", generator=g) * 0.1
-    dy32 = torch.randn(n, m, device="cuda", generator=g)
+def _lora_data(dev: str, dt: torch.dtype, n: int, k: int, m: int, r: int, p: float) -> dict:
+    g, scale, seed = _gen(dev, 0), 2.0, 1234
+    x32 = torch.randn(n, k, device=dev, generator=g)
+    w32 = torch.randn(m, k, device=dev, generator=g) * k**-0.5
+    a32 = torch.randn(r, k, device=dev, generator=g) * k**-0.5
+    b32 = torch.randn(m, r, device=dev, generator=g) * 0.1
+    dy32 = torch.randn(n, m, device=dev, generator=g)
     from kernels import lora_dropout_mask
 
-    keep = lora_dropout_mask((n, k), p, seed, device="cuda", impl="triton") if p else None
+    keep = lora_dropout_mask((n, k), p, seed, device=dev, impl="triton") if p else None
 
     def formula(dtype):  # the torch formula under the Triton mask: y, dx, dA, dB
         x, a, b = (t.to(dtype).requires_grad_() for t in (x32, a32, b32))
@@ -83,9 +103,9 @@ def _lora_data(n: int, k: int, m: int, r: int, p: float) -> dict:
         y = x @ w32.to(dtype).t() + scale * (xd @ a.t()) @ b.t()
         return (y.detach(), *torch.autograd.grad(y, (x, a, b), dy32.to(dtype)))
 
-    truth, ref = formula(torch.float32), formula(BF16)
-    x, a, b = (t.to(BF16).requires_grad_() for t in (x32, a32, b32))
-    w, dy = w32.to(BF16), dy32.to(BF16)
+    truth, ref = formula(torch.float32), formula(dt)
+    x, a, b = (t.to(dt).requires_grad_() for t in (x32, a32, b32))
+    w, dy = w32.to(dt), dy32.to(dt)
     from kernels import lora_linear
 
     def fwd():
@@ -98,27 +118,28 @@ def _lora_data(n: int, k: int, m: int, r: int, p: float) -> dict:
                      bounds(ref[1:], truth[1:])))
 
 
-def lora_cases() -> list[Case]:
-    gemm, blocks = [], []
-    for r in (16, 64, 32):
-        for k, m in LORA_SHAPES:
+def lora_cases(s: Shapes) -> list[Case]:
+    gemm, blocks, n = [], [], s.lora_rows
+    for r in s.lora_ranks:
+        for k, m in s.lora_features:
             for kind, p in (("fwd", 0.0), ("dx", 0.0), ("dx", 0.1)):
-                cls = (lowrank_gemm.shape_class("fwd", LORA_ROWS, m, k, dot_block(r), BF16, (False,), True)
+                cls = (lowrank_gemm.shape_class("fwd", n, m, k, dot_block(r), s.dtype, (False,), True)
                        if kind == "fwd" else
-                       lowrank_gemm.shape_class("dx", LORA_ROWS, k, m, dot_block(r), BF16, (p > 0,), True))
+                       lowrank_gemm.shape_class("dx", n, k, m, dot_block(r), s.dtype, (p > 0,), True))
                 setup = functools.partial(lambda *a, kind=kind: [_lora_data(*a)[kind if kind == "fwd" else "bwd"]],
-                                          LORA_ROWS, k, m, r, p)
-                gemm.append(Case("lora.gemm", cls, f"x [{LORA_ROWS}, {k}] -> {m}, rank {r}, dropout {p}",
+                                          s.device, s.dtype, n, k, m, r, p)
+                gemm.append(Case("lora.gemm", cls, f"x [{n}, {k}] -> {m}, rank {r}, dropout {p}",
                                  lowrank_gemm.candidates(True), setup))
-    for r in (16, 64):
-        k, m = LORA_SHAPES[0]
+    for r in s.lora_ranks[:2]:
+        k, m = s.lora_features[0]
         for kind in ("shrink", "expand", "dy", "dx"):
             if kind == "dy" and dot_block(r) > lora_triton.FUSED_DY_MAX_RANK:
                 continue  # the dy pass is cuBLAS above that rank
             part = "fwd" if kind in ("shrink", "expand") else "bwd"
-            setup = functools.partial(lambda *a, part=part: [_lora_data(*a)[part]], LORA_ROWS, k, m, r, 0.0)
-            blocks.append(Case(f"lora.{kind}", lowrank_gemm.block_class(dot_block(r), BF16, False),
-                               f"x [{LORA_ROWS}, {k}] -> {m}, rank {r}, cuBLAS scheme",
+            setup = functools.partial(lambda *a, part=part: [_lora_data(*a)[part]], s.device, s.dtype, n, k, m, r,
+                                      0.0)
+            blocks.append(Case(f"lora.{kind}", lowrank_gemm.block_class(dot_block(r), s.dtype, False),
+                               f"x [{n}, {k}] -> {m}, rank {r}, cuBLAS scheme",
                                lora_triton.block_candidates(kind, dot_block(r), False), setup,
                                also_forced={"lora.gemm": "cublas"}))
     return gemm + blocks
@@ -129,29 +150,29 @@ def lora_cases() -> list[Case]:
 
 
 @functools.lru_cache(maxsize=1)
-def _attention_data(d: int) -> dict:
+def _attention_data(s: Shapes, d: int) -> dict:
     from kernels import varlen_attention
 
-    g, lengths = _gen(1), ATTN_LENGTHS
+    g, lengths, (hq, hkv), dev = _gen(s.device, 1), s.attn_lengths, s.heads, s.device
     total, longest, scale = sum(lengths), max(lengths), d**-0.5
-    q32, dout32 = (torch.randn(total, HQ, d, device="cuda", generator=g) for _ in range(2))
-    k32, v32 = (torch.randn(total, HKV, d, device="cuda", generator=g) for _ in range(2))
+    q32, dout32 = (torch.randn(total, hq, d, device=dev, generator=g) for _ in range(2))
+    k32, v32 = (torch.randn(total, hkv, d, device=dev, generator=g) for _ in range(2))
     starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
 
     def reference(dtype):  # one sequence at a time: the float32 scores of all would not fit
         parts = []
         for s, e in zip(starts[:-1], starts[1:]):
             q, k, v = (t[s:e].to(dtype).requires_grad_() for t in (q32, k32, v32))
-            cu = torch.tensor([0, e - s], dtype=torch.int32, device="cuda")
+            cu = torch.tensor([0, e - s], dtype=torch.int32, device=dev)
             out = varlen_attention(q, k, v, cu, cu, e - s, e - s, softmax_scale=scale, impl="torch")
             parts.append((out.detach(), *torch.autograd.grad(out, (q, k, v), dout32[s:e].to(dtype))))
         return [torch.cat(p) for p in zip(*parts)]
 
-    truth, ref = reference(torch.float32), reference(BF16)
+    truth, ref = reference(torch.float32), reference(s.dtype)
     bnd = bounds(ref, truth)
-    cu = torch.tensor(starts, dtype=torch.int32, device="cuda")
-    q, k, v = (t.to(BF16).requires_grad_() for t in (q32, k32, v32))
-    dout = dout32.to(BF16)
+    cu = torch.tensor(starts, dtype=torch.int32, device=dev)
+    q, k, v = (t.to(s.dtype).requires_grad_() for t in (q32, k32, v32))
+    dout = dout32.to(s.dtype)
 
     def attend():
         return varlen_attention(q, k, v, cu, cu, longest, longest, softmax_scale=scale, impl="triton")
@@ -165,15 +186,15 @@ def _attention_data(d: int) -> dict:
                 bwd=(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), truth[1:], bnd[1:]))
 
 
-def attention_cases() -> list[Case]:
-    cases = []
-    for d in (128, 64):
+def attention_cases(s: Shapes) -> list[Case]:
+    cases, lengths = [], s.attn_lengths
+    for d in s.head_dims:
         for kind in ("fwd", "dkdv", "dq"):
             part = "fwd" if kind == "fwd" else "bwd"
-            cases.append(Case(f"varlen_attention.{kind}", varlen_attention_triton.shape_class(d, BF16, True),
-                              f"{sum(ATTN_LENGTHS)} packed tokens in {len(ATTN_LENGTHS)} sequences, Hq {HQ}, Hkv {HKV}",
-                              varlen_attention_triton.candidates(kind, d, BF16),
-                              functools.partial(lambda d, part: [_attention_data(d)[part]], d, part)))
+            cases.append(Case(f"varlen_attention.{kind}", varlen_attention_triton.shape_class(d, s.dtype, True),
+                              f"{sum(lengths)} packed tokens in {len(lengths)} sequences, Hq, Hkv {s.heads}",
+                              varlen_attention_triton.candidates(kind, d, s.dtype),
+                              functools.partial(lambda d, part: [_attention_data(s, d)[part]], d, part)))
     return cases
 
 
@@ -181,15 +202,16 @@ def attention_cases() -> list[Case]:
 # cross-entropy statistics and gradient kernels (one chunk of logits)
 
 
-def _ce_setup(v: int, entropy: bool, kernel: str) -> list:
+def _ce_setup(s: Shapes, v: int, entropy: bool, kernel: str) -> list:
     # _Problem is the launchers' own unit of work: timing it leaves out the logits GEMM,
     # which is the same for every candidate and would drown the differences.
     from kernels.linear_logprobs_triton import _Problem
 
-    g, n, h = _gen(2), 16384, 4096
-    x = torch.randn(n, h, device="cuda", generator=g).to(BF16)
-    w = (torch.randn(v, h, device="cuda", generator=g) * h**-0.5).to(BF16)
-    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    (n, h, _), dev = s.ce, s.device
+    g = _gen(dev, 2)
+    x = torch.randn(n, h, device=dev, generator=g).to(s.dtype)
+    w = (torch.randn(v, h, device=dev, generator=g) * h**-0.5).to(s.dtype)
+    t = torch.randint(0, v, (n,), device=dev, generator=g)
     opts = ce.Options(want_entropy=entropy)
     base = _Problem(x, w, None, t, opts)
     z = base.logits(0, base.rows).clone()
@@ -205,7 +227,7 @@ def _ce_setup(v: int, entropy: bool, kernel: str) -> list:
             return [out["lse"], out["logprob"]] + ([out["expected"]] if entropy else [])
 
         return [(run, truth, [1e-4] * len(truth))]  # float32 arithmetic on the same logits
-    a, k, cc = (torch.randn(c, device="cuda", generator=g) for _ in range(3))
+    a, k, cc = (torch.randn(c, device=dev, generator=g) for _ in range(3))
     grad = p * (k[:, None] - cc[:, None] * zd) if entropy else p * k[:, None]
     grad.scatter_add_(1, tc[:, None], a.double()[:, None])
     lse32 = lse.float()
@@ -215,17 +237,17 @@ def _ce_setup(v: int, entropy: bool, kernel: str) -> list:
         _Problem(x, w, None, t, opts).grad_logits(zz, 0, c, lse32, a, k, cc if entropy else None)
         return [zz]
 
-    return [(run, [grad], bounds([grad.to(BF16)], [grad], 1e-4))]
+    return [(run, [grad], bounds([grad.to(s.dtype)], [grad], 1e-4))]
 
 
-def ce_cases() -> list[Case]:
-    cases = []
-    for v in (151936, 128256):
+def ce_cases(s: Shapes) -> list[Case]:
+    cases, (n, h, vocabs) = [], s.ce
+    for v in vocabs:
         for entropy in (False, True):
-            cls = ce.shape_class(v, BF16, ce.Options(want_entropy=entropy), False)
+            cls = ce.shape_class(v, s.dtype, ce.Options(want_entropy=entropy), False)
             for kernel in ("stats", "grad"):
-                cases.append(Case(f"linear_logprobs.{kernel}", cls, f"one chunk of N 16384 x V {v}, H 4096",
-                                  ce.candidates(v), functools.partial(_ce_setup, v, entropy, kernel)))
+                cases.append(Case(f"linear_logprobs.{kernel}", cls, f"one chunk of N {n} x V {v}, H {h}",
+                                  ce.candidates(v), functools.partial(_ce_setup, s, v, entropy, kernel)))
     return cases
 
 
@@ -233,18 +255,18 @@ def ce_cases() -> list[Case]:
 # paged decode
 
 
-def _paged_setup(d: int) -> list:
+def _paged_setup(s: Shapes, d: int) -> list:
     from kernels import paged_attention as attend
 
-    probes, block = [], 16
-    for batch, context in ((32, 8192), (1, 131072)):
-        g = _gen(3)
+    probes, block, (hq, hkv), dev = [], 16, s.heads, s.device
+    for batch, context in s.decode:
+        g = _gen(dev, 3)
         width = context // block
-        kc, vc = (torch.randn(batch * width + 8, block, HKV, d, device="cuda", generator=g).to(BF16) for _ in range(2))
-        table = torch.randperm(batch * width + 8, device="cuda", generator=g)[:batch * width].view(batch, width).int()
-        lens = torch.randint(context // 2, context + 1, (batch,), device="cuda", generator=g).int()
+        kc, vc = (torch.randn(batch * width + 8, block, hkv, d, device=dev, generator=g).to(s.dtype) for _ in range(2))
+        table = torch.randperm(batch * width + 8, device=dev, generator=g)[:batch * width].view(batch, width).int()
+        lens = torch.randint(context // 2, context + 1, (batch,), device=dev, generator=g).int()
         lens[-1] = context
-        q = torch.randn(batch, HQ, d, device="cuda", generator=g).to(BF16)
+        q = torch.randn(batch, hq, d, device=dev, generator=g).to(s.dtype)
         truth = [attend(q.float(), kc.float(), vc.float(), table, lens, impl="torch")]
         ref = [attend(q, kc, vc, table, lens, impl="torch")]
         probes.append((functools.partial(lambda *a: [attend(*a, impl="triton")], q, kc, vc, table, lens), truth,
@@ -252,30 +274,30 @@ def _paged_setup(d: int) -> list:
     return probes
 
 
-def paged_cases() -> list[Case]:
-    return [Case("paged_attention.decode", paged.decode_shape_class(d, BF16, HQ // HKV),
-                 "batch 32 x context 8192, batch 1 x context 131072", paged.decode_candidates(d, BF16),
-                 functools.partial(_paged_setup, d)) for d in (128, 64)]
+def paged_cases(s: Shapes) -> list[Case]:
+    return [Case("paged_attention.decode", paged.decode_shape_class(d, s.dtype, s.heads[0] // s.heads[1]),
+                 ", ".join(f"batch {b} x context {c}" for b, c in s.decode), paged.decode_candidates(d, s.dtype),
+                 functools.partial(_paged_setup, s, d)) for d in s.head_dims]
 
 
 # ---------------------------------------------------------------------------------------
 # fused ops
 
 
-def _fused_setup(op: str, size: int) -> list:
-    g, rows = _gen(4), 4096
+def _fused_setup(s: Shapes, op: str, size: int) -> list:
+    rows, dev, (hq, hkv) = s.rows, s.device, s.heads
+    g = _gen(dev, 4)
     if op == "rms_norm":
-        x, res = (torch.randn(rows, size, device="cuda", generator=g) for _ in range(2))
-        w = torch.randn(size, device="cuda", generator=g)
+        x, res = (torch.randn(rows, size, device=dev, generator=g) for _ in range(2))
+        w = torch.randn(size, device=dev, generator=g)
         args = (lambda dt: (x.to(dt), w.to(dt), 1e-6), lambda dt: dict(residual=res.to(dt)))
         fn = fused.rms_norm
     elif op == "silu_mul":
-        gu = torch.randn(rows, 2 * size, device="cuda", generator=g)
+        gu = torch.randn(rows, 2 * size, device=dev, generator=g)
         args, fn = (lambda dt: (gu.to(dt),), lambda dt: {}), fused.silu_mul
     else:
-        q, k = torch.randn(rows, HQ, size, device="cuda", generator=g), torch.randn(rows, HKV, size, device="cuda",
-                                                                                   generator=g)
-        ang = torch.rand(rows, 1, size, device="cuda", generator=g) * 6.28
+        q, k = (torch.randn(rows, heads, size, device=dev, generator=g) for heads in (hq, hkv))
+        ang = torch.rand(rows, 1, size, device=dev, generator=g) * 6.28
         args = (lambda dt: (q.to(dt), k.to(dt), ang.cos().to(dt), ang.sin().to(dt)), lambda dt: {})
         fn = fused.rope
 
@@ -283,16 +305,16 @@ def _fused_setup(op: str, size: int) -> list:
         out = fn(*args[0](dt), **args[1](dt), impl=impl)
         return list(out) if isinstance(out, tuple) else [out]
 
-    truth, ref = call(torch.float32, "torch"), call(BF16, "torch")
-    return [(lambda: call(BF16, "triton"), truth, bounds(ref, truth))]
+    truth, ref = call(torch.float32, "torch"), call(s.dtype, "torch")
+    return [(lambda: call(s.dtype, "triton"), truth, bounds(ref, truth))]
 
 
-def fused_cases() -> list[Case]:
+def fused_cases(s: Shapes) -> list[Case]:
     cases = []
-    for op, sizes in (("rms_norm", (4096, 2048, 8192)), ("silu_mul", (14336, 8192)), ("rope", (128, 64))):
+    for op, sizes in s.fused:
         for size in sizes:
-            cases.append(Case(f"fused_ops.{op}", fused.shape_class(size, BF16), f"4096 rows of {size}",
-                              list(fused.WARPS[op]), functools.partial(_fused_setup, op, size)))
+            cases.append(Case(f"fused_ops.{op}", fused.shape_class(size, s.dtype), f"{s.rows} rows of {size}",
+                              list(fused.WARPS[op]), functools.partial(_fused_setup, s, op, size)))
     return cases
 
 
@@ -302,6 +324,6 @@ def release() -> None:
     _attention_data.cache_clear()
 
 
-def cases() -> list[Case]:
-    """Every case, family by family in tune.py's priority order."""
-    return lora_cases() + attention_cases() + ce_cases() + paged_cases() + fused_cases()
+def cases(s: Shapes = Shapes()) -> list[Case]:
+    """Every case at shapes ``s``, family by family in tune.py's priority order."""
+    return lora_cases(s) + attention_cases(s) + ce_cases(s) + paged_cases(s) + fused_cases(s)

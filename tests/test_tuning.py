@@ -145,6 +145,29 @@ def test_tune_dry_run_prints_the_plan():
         assert cpu.returncode == 2 and "needs a GPU" in cpu.stderr
 
 
+def test_tune_smoke_writes_a_table_the_launchers_read(tmp_path, monkeypatch):
+    """The whole sweep on tiny shapes under the interpreter: every candidate checked and
+    timed, the table written; its entries have the form the launchers accept."""
+    out = tmp_path / configs.file_name(DEVICE)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune.py"), "--smoke", "--out", str(out),
+                           "--only", "fused_ops.rms_norm,lora.dx", "--budget-s", "120"], env=_cpu_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SKIPPED" not in proc.stdout and "chosen" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["triton"] and data["torch"] and data["date"]
+    assert set(data["entries"]) == {"fused_ops.rms_norm", "lora.dx"}
+    monkeypatch.setenv(configs.ENV_DIR, str(tmp_path))
+    monkeypatch.setattr(configs, "device_name", lambda device: DEVICE)
+    configs.reload()
+    try:
+        for cls, entry in data["entries"]["lora.dx"].items():
+            r = int(cls.split("r=")[1].split(",")[0])
+            assert lora_triton.blocks("dx", r, torch.empty(0)) == entry
+    finally:
+        configs.reload()
+
+
 def test_gpu_check_dry_run_prints_the_plan():
     steps = [line.split("\t")[0] for line in (ROOT / "benchmarks" / "gpu_steps.tsv").read_text().splitlines()
              if line and not line.startswith("#")]
