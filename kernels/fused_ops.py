@@ -23,8 +23,8 @@ from .dispatch import check_triton_device, on_device, resolve_impl
 from .triton_base import TRITON_DTYPES, tl, triton, unit_last_stride
 
 _BACKENDS = ("triton", "torch")
-# num_warps candidates tune.py times per fused_ops.<op> class (the launcher's own choice
-# first); classes: fused_ops.shape_class of the hidden size (head dim for rope) and dtype.
+# num_warps candidates tune.py times per fused_ops.<op> class (shape_class: the row's size
+# and dtype); each launcher's own heuristic, beside its launch, is among them.
 WARPS = {"rms_norm": (1, 2, 4, 8, 16), "silu_mul": (1, 2, 4, 8), "rope": (1, 2, 4)}
 
 

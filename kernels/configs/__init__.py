@@ -31,7 +31,7 @@ candidate lists:
 * ``lora.gemm`` (lowrank_gemm.shape_class): the LoRA scheme of a base GEMM, per kind
   (fwd / dx), rows as a power of two, N, K, padded rank, dtype, flags, TMA. Config:
   "cublas" or a fused tile config (BM, BN, BK, warps, stages, tma).
-* ``lora.shrink``/``.expand``/``.dy``/``.dx`` (lora_triton.block_class): padded rank,
+* ``lora.shrink``/``.expand``/``.dy``/``.dx`` (lowrank_gemm.block_class): padded rank,
   dtype, decode. Config: dict n, k, o, splits.
 * ``fused_ops.rms_norm``/``.silu_mul``/``.rope`` (fused_ops): hidden size (head dim for
   rope), dtype. Config: num_warps (int).
