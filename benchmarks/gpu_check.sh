@@ -101,8 +101,8 @@ torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers._
                 echo "tests/test_gpu_determinism.py is not in this tree: nothing to run"
             fi ;;
         tune)
-            local sweep=330
-            [ -n "$budget" ] && sweep=$(( left - 30 < 330 ? left - 30 : 330 ))
+            local sweep=300
+            [ -n "$budget" ] && sweep=$(( left - 60 < 300 ? left - 60 : 300 ))
             timed "$OUT/tune.log" benchmarks/tune.py --budget-s "$sweep" || return 1
             mkdir -p "$OUT/results/kernel_configs" "$OUT/kernels/configs"
             local table
