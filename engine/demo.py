@@ -71,8 +71,9 @@ def accuracy(trainer, held_out: list) -> tuple[int, int]:
 
 def sample_answers(trainer, prompts: list[list[int]]) -> list[list[int]]:
     """Greedy answers to ``prompts`` (``<bos> digits <sep>``) from a sampling client of a
-    snapshot of the trained weights (under LoRA, a copy of the adapter), each ending at ``<eos>`` (kept) or after len(digits) + 1
-    tokens; all requests are in flight at once (continuous batching)."""
+    snapshot of the trained weights (under LoRA, a copy of the adapter), each ending at
+    ``<eos>`` (kept) or after len(digits) + 1 tokens; all requests are in flight at once
+    (continuous batching)."""
     import engine
 
     sampler = trainer.save_weights_and_get_sampling_client().result()

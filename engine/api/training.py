@@ -276,7 +276,8 @@ class TrainingModel:
 
     def _engine(self, model, kwargs: dict) -> InferenceModel:
         kwargs = {"gpu_memory_fraction": 0.3,  # it shares the GPU with training
-                  "max_batch_size": 2048, "tokenizer": self._get_tokenizer(), "base_model": self._info["model"], **kwargs}
+                  "max_batch_size": 2048, "tokenizer": self._get_tokenizer(), "base_model": self._info["model"],
+                  **kwargs}
         return InferenceModel(model, **kwargs)
 
     def _shared(self, kwargs: dict) -> InferenceModel:
