@@ -12,7 +12,8 @@ One forward, hop by hop:
 
 1. ``unpad``: the ``[B, S]`` batch becomes the packed form (DESIGN.md, "Token packing").
    Tokens whose ``attention_mask`` is 0 are dropped (no FLOPs on padding); a sequence
-   starts at each row's first kept token and wherever ``position_ids`` restart at 0, so a
+   starts at each row's first kept token and wherever ``position_ids`` do not go up by one
+   (a restart at 0; transformers' ``find_packed_sequence_indices`` rule), so a
    ``DataCollatorWithFlattening`` batch (one row, positions 0.. per example) is several
    sequences. Positions default to 0, 1, ... per sequence (RoPE is relative, so this equals
    transformers' ``arange(S)`` under right or left padding). One host read per forward: the
@@ -71,7 +72,8 @@ def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
     Args:
         input_ids: [B, S] int64 (or [S]).
         attention_mask: optional [B, S], nonzero on the tokens to keep.
-        position_ids: optional [B, S] or [1, S] int64; a 0 starts a new sequence.
+        position_ids: optional [B, S] or [1, S] int64; where they do not go up by one
+            (a restart at 0), a new sequence starts.
 
     Returns a dict: ``input_ids`` / ``position_ids`` [T] int64 and ``cu_seqlens`` [N+1] int32
     of the kept tokens, ``max_seqlen`` (host int), ``keep`` [B * S] bool or None (all kept),
@@ -90,9 +92,9 @@ def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
     keep = None if attention_mask is None else attention_mask.reshape(-1, s).expand(b, s).bool()
     starts = torch.zeros(b, s, dtype=torch.bool, device=device)
     starts[:, 0] = True
-    if position_ids is not None:
+    if position_ids is not None:  # transformers' rule (find_packed_sequence_indices): a jump starts a sequence
         pos = position_ids.reshape(-1, s).expand(b, s).long()
-        starts |= pos == 0
+        starts[:, 1:] |= pos.diff(dim=-1) != 1
     if keep is not None:  # the first kept token after a dropped one (left padding) starts a sequence
         after_drop = torch.ones_like(keep)
         after_drop[:, 1:] = ~keep[:, :-1]
@@ -186,6 +188,7 @@ class EngineForCausalLM(PreTrainedModel):
                 for name, p in model.named_parameters():
                     p.fill_(1.0) if "norm" in name else p.normal_(0.0, getattr(config, "initializer_range", 0.02))
         self.model = model
+        self.gradient_checkpointing = False
         self.post_init()
 
     # -- loading and saving ---------------------------------------------------------------
@@ -284,24 +287,17 @@ class EngineForCausalLM(PreTrainedModel):
         tokens = int(mask.sum()) if mask is not None else input_dict[self.main_input_name].numel()
         return 6 * tokens * self.num_parameters(exclude_embeddings=exclude_embeddings)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each decoder block's activations in the backward (torch.utils.checkpoint
-        per block; ``gradient_checkpointing_kwargs`` go to it, ``use_reentrant=False`` by
-        default). The reentrant variant needs inputs that require grad: with an adapter on
-        frozen embeddings it turns ``enable_input_require_grads`` on, as transformers does."""
-        kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        for block in self.model.layers:
-            block.forward = partial(checkpoint, type(block).forward.__get__(block), **kw)
-        if kw["use_reentrant"] and getattr(self.model, "lora_config", None) is not None:
-            self.enable_input_require_grads()
-
-    def gradient_checkpointing_disable(self) -> None:
-        for block in self.model.layers:
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        """transformers' hook behind ``activation_checkpointing_enable`` / ``_disable`` (and the
+        older ``gradient_checkpointing_*`` names): every ``every_n_layers``-th decoder block
+        recomputes its activations in the backward through ``gradient_checkpointing_func``
+        (torch.utils.checkpoint with the caller's kwargs, ``use_reentrant=False`` by default)."""
+        self.gradient_checkpointing = enable
+        for i, block in enumerate(self.model.layers):
             block.__dict__.pop("forward", None)
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return any("forward" in block.__dict__ for block in self.model.layers)
+            if enable and i % every_n_layers == 0:
+                block.forward = partial(gradient_checkpointing_func, type(block).forward.__get__(block))
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -316,7 +312,8 @@ class EngineForCausalLM(PreTrainedModel):
             input_ids: [B, S] (or [S]) int64 token ids.
             attention_mask: optional [B, S], 0 on padding (dropped before any FLOP).
             labels: optional [B, S] int64, -100 ignored; shifted inside.
-            position_ids: optional [B, S] int64; each 0 starts a packed sequence.
+            position_ids: optional [B, S] int64; a restart (any step other than +1)
+                starts a packed sequence.
             num_items_in_batch: the loss is the sum over targets divided by it (Trainer's
                 gradient-accumulation normalisation); else the mean.
             shift_labels: optional [B, S] targets already shifted (used as given).
