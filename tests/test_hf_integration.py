@@ -167,3 +167,19 @@ def test_lora_matches_peft(checkpoint, tmp_path):
     torch.testing.assert_close(ours(ids).logits, loaded(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert (loaded(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-3  # the adapter was trained
+
+
+def test_bench_hf_smoke(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_hf import main as bench
+
+    rows = bench(["--smoke"])
+    assert {r["impl"] for r in rows} >= {"engine", "transformers"} and all(r["tokens_per_s"] > 0 for r in rows)
+    assert json.loads((tmp_path / "hf.json").read_text())["meta"]["real_tokens"] == 12 + 40 + 64 + 7
+    if not torch.cuda.is_available():
+        assert bench([]) == [] and "needs a CUDA GPU" in capsys.readouterr().out
