@@ -40,13 +40,16 @@ def padded_collator():
 COLLATORS = {"padded": padded_collator, "packed": DataCollatorWithFlattening}
 
 
-def train(model, dataset, collator, tmp_path, *, steps: int, seed: int = 0, **overrides) -> list[float]:
+def train(model, dataset, collator, tmp_path, *, steps: int, seed: int = 0, eval_dataset=None,
+          **overrides) -> list[float]:
+    """Per-step training losses (then the eval loss when ``eval_dataset`` is given)."""
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                              max_steps=steps, learning_rate=3e-3, logging_steps=1, report_to="none", use_cpu=True,
                              save_strategy="no", seed=seed, disable_tqdm=True, **overrides)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator)
     trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses + ([trainer.evaluate()["eval_loss"]] if eval_dataset is not None else [])
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -68,11 +71,12 @@ def test_trainer_matches_transformers(checkpoint, tmp_path, layout):
         a = ours(**batch, num_items_in_batch=num_items).loss
         b = ref(**batch, num_items_in_batch=num_items).loss
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    held_out = Examples(8, 259, seed=9)
     set_seed(0)
-    ours_losses = train(ours, data, collator, tmp_path / "ours", steps=20)
+    ours_losses = train(ours, data, collator, tmp_path / "ours", steps=20, eval_dataset=held_out)
     set_seed(0)
-    ref_losses = train(ref, data, collator, tmp_path / "ref", steps=20)
-    assert len(ours_losses) == 20
+    ref_losses = train(ref, data, collator, tmp_path / "ref", steps=20, eval_dataset=held_out)
+    assert len(ours_losses) == 21  # 20 steps and the eval loss
     assert ref_losses[-1] < ref_losses[0] - 0.5  # it learned something
     torch.testing.assert_close(torch.tensor(ours_losses), torch.tensor(ref_losses), rtol=1e-3, atol=0)
 
@@ -130,6 +134,13 @@ def test_save_pretrained_and_gradient_checkpointing(checkpoint, tmp_path):
     assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())  # no temporaries left
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    # Trainer's resume_from_checkpoint: load_state_dict of the saved (Hugging Face named) file
+    from safetensors.torch import load_file
+
+    fresh = EngineForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    result = fresh.load_state_dict(load_file(tmp_path / "out" / "model.safetensors"), False)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
     with pytest.raises(TypeError, match="unsupported keyword"):
         model(ids, some_flag=True)
     with pytest.raises(ValueError, match="device_map"):

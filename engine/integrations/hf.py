@@ -246,6 +246,30 @@ class EngineForCausalLM(PreTrainedModel):
         if self.name_or_path and source.is_file():
             copy_file(source, folder / "generation_config.json")
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that also takes the Hugging Face names
+        ``save_pretrained`` writes (Trainer's ``resume_from_checkpoint`` loads
+        model.safetensors through it): q/k/v and gate/up fill the row blocks of the fused
+        parameters. Keys of neither kind are reported as unexpected."""
+        entries = weight_map(self.model.config)
+        if any(e.hf_name in state_dict for e in entries):
+            state_dict = dict(state_dict)
+            if self.model.config.tie_word_embeddings:
+                state_dict.pop("lm_head.weight", None)  # a tied copy some writers add
+            params = dict(self.model.named_parameters())
+            ours = {}
+            for e in entries:
+                if e.hf_name not in state_dict:
+                    continue
+                t = state_dict.pop(e.hf_name)
+                if e.rows is None:
+                    ours["model." + e.param] = t
+                else:
+                    whole = ours.setdefault("model." + e.param, params[e.param].detach().clone())
+                    whole[e.row_offset:e.row_offset + e.rows].copy_(t)
+            state_dict.update(ours)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # -- LoRA (the engine's, in PEFT's format; see the module docstring) ----------------------
     def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
         """Attach a trainable LoRA adapter from a ``peft.LoraConfig`` (or its dict): ``r``,
@@ -302,8 +326,7 @@ class EngineForCausalLM(PreTrainedModel):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
-                num_items_in_batch: torch.Tensor | int | None = None, shift_labels: torch.Tensor | None = None,
-                logits_to_keep: int = 0, return_logits: bool | None = None, past_key_values=None,
+                num_items_in_batch: torch.Tensor | int | None = None, logits_to_keep: int = 0, return_logits: bool | None = None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, output_attentions: bool = False,
                 output_hidden_states: bool = False, **kwargs) -> CausalLMOutputWithPast:
         """transformers' causal-LM forward (steps 1-4 of the module docstring).
@@ -316,7 +339,9 @@ class EngineForCausalLM(PreTrainedModel):
                 starts a packed sequence.
             num_items_in_batch: the loss is the sum over targets divided by it (Trainer's
                 gradient-accumulation normalisation); else the mean.
-            shift_labels: optional [B, S] targets already shifted (used as given).
+            shift_labels (kwargs): optional [B, S] targets already shifted (used as given;
+                not a named parameter, so that Trainer's ``label_names``, read from this
+                signature, stay ``["labels"]``).
             logits_to_keep: with logits, keep only the last ``k`` positions (0: all).
             return_logits: also return logits when labels are given.
             cu_seq_lens_q, max_length_q (kwargs, as ``DataCollatorWithFlattening(
@@ -326,6 +351,7 @@ class EngineForCausalLM(PreTrainedModel):
         Returns ``CausalLMOutputWithPast`` with ``loss`` (float32 scalar, or None without
         labels) and ``logits`` ([B, S or k, vocab] in the model's dtype, or None).
         """
+        shift_labels = kwargs.pop("shift_labels", None)
         kwargs.pop("cu_seq_lens_q", None), kwargs.pop("max_length_q", None)
         unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
         if unknown:
