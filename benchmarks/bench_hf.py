@@ -8,14 +8,15 @@ random model (engine.models.presets.LLAMA_1B), bf16, 8 sequences of 512 to 4096 
 right-padded to the longest, ``labels`` -100 on padding, AdamW. The engine model drops the
 padding before any FLOP; transformers and Liger compute on it. Reported per side: ms per
 step (forward + backward + optimizer), tokens/s counting real tokens only (the padded
-total is in the meta), and peak memory (weights and optimizer state included).
+total is in the meta), and the peak memory of one step above what is allocated before it
+(weights and, after the warm-up steps, AdamW's state are there already: the peak is the
+activations, logits and gradients one step adds).
 
     python benchmarks/bench_hf.py            # GPU
     python benchmarks/bench_hf.py --smoke    # tiny CPU run of the same code paths
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import save, table, time_ms  # noqa: E402
+from benchmarks.harness import gpu_or_smoke, peak_memory_bytes, save, table, time_ms  # noqa: E402
 from engine.models.presets import LLAMA_1B, TINY, save_random_checkpoint  # noqa: E402
 
 
@@ -65,22 +66,9 @@ def make_step(model, batch: dict):
     return step
 
 
-def peak_gib(step) -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the code paths)")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available() and not args.smoke:
-        print("bench_hf.py measures GPU training throughput and needs a CUDA GPU; use --smoke for a CPU check")
+    args = gpu_or_smoke(argv, __doc__, "bench_hf.py")
+    if args is None:
         return []
     if args.smoke:
         cfg, lengths, device, dtype = dict(TINY["llama"]), [12, 40, 64, 7], "cpu", torch.float32
@@ -102,8 +90,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             model = load(side, Path(tmp), dtype, device)
             step = make_step(model, batch)
             ms = time_ms(step, warmup=3 if args.smoke else 500, rep=5 if args.smoke else 2000)
+            peak = peak_memory_bytes(step)
             rows.append({"impl": side, "ms_per_step": ms, "tokens_per_s": tokens / (ms / 1e3),
-                         "peak_gib": peak_gib(step)})
+                         "peak_gib": None if peak is None else peak / 2**30})
             del model, step
             if device == "cuda":
                 torch.cuda.empty_cache()

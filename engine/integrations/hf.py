@@ -42,8 +42,6 @@ class has no KV cache and ``can_generate()`` is False.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 
