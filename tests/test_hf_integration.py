@@ -141,6 +141,10 @@ def test_save_pretrained_and_gradient_checkpointing(checkpoint, tmp_path):
     result = fresh.load_state_dict(load_file(tmp_path / "out" / "model.safetensors"), False)
     assert not result.missing_keys and not result.unexpected_keys
     torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    flat = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)(
+        [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # Trainer's bf16=True: computed in the model's dtype
+        torch.testing.assert_close(model(**flat).loss, model(ids, labels=ids).loss, rtol=1e-5, atol=0)
     with pytest.raises(TypeError, match="unsupported keyword"):
         model(ids, some_flag=True)
     with pytest.raises(ValueError, match="device_map"):

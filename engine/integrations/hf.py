@@ -57,7 +57,8 @@ from engine.models.peft import read_peft_adapter
 
 IGNORE_INDEX = -100
 # forward() keywords that transformers' callers pass and that change nothing here.
-_IGNORED_KWARGS = ("use_cache", "return_dict", "cache_position", "cu_seq_lens_k", "max_length_k")
+_IGNORED_KWARGS = ("use_cache", "return_dict", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                   "max_length_k", "seq_idx")
 # from_pretrained() keywords of transformers that change nothing here.
 _IGNORED_LOAD_KWARGS = ("attn_implementation", "low_cpu_mem_usage", "trust_remote_code", "local_files_only",
                         "use_safetensors")
@@ -143,7 +144,8 @@ def _device(device_map) -> torch.device:
     """The one device a transformers ``device_map`` names (the packed model is not split)."""
     if isinstance(device_map, dict):
         if set(device_map) != {""}:
-            raise ValueError(f"device_map must place the whole model on one device ({{'': device}}), got {device_map!r}")
+            raise ValueError(f"device_map must place the whole model on one device ({{'': device}}), "
+                             f"got {device_map!r}")
         device_map = device_map[""]
     if device_map is None:
         return torch.device("cpu")
@@ -324,7 +326,8 @@ class EngineForCausalLM(PreTrainedModel):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
-                num_items_in_batch: torch.Tensor | int | None = None, logits_to_keep: int = 0, return_logits: bool | None = None, past_key_values=None,
+                num_items_in_batch: torch.Tensor | int | None = None, logits_to_keep: int = 0,
+                return_logits: bool | None = None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, output_attentions: bool = False,
                 output_hidden_states: bool = False, **kwargs) -> CausalLMOutputWithPast:
         """transformers' causal-LM forward (steps 1-4 of the module docstring).
@@ -342,15 +345,15 @@ class EngineForCausalLM(PreTrainedModel):
                 signature, stay ``["labels"]``).
             logits_to_keep: with logits, keep only the last ``k`` positions (0: all).
             return_logits: also return logits when labels are given.
-            cu_seq_lens_q, max_length_q (kwargs, as ``DataCollatorWithFlattening(
-                return_flash_attn_kwargs=True)`` adds them): accepted; the sequences are
-                read from ``position_ids`` (which it also adds).
+            cu_seq_lens_q/k, max_length_q/k, seq_idx (kwargs, as
+                ``DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)``
+                adds them): accepted; the sequences are read from ``position_ids`` (which it
+                also adds).
 
         Returns ``CausalLMOutputWithPast`` with ``loss`` (float32 scalar, or None without
         labels) and ``logits`` ([B, S or k, vocab] in the model's dtype, or None).
         """
         shift_labels = kwargs.pop("shift_labels", None)
-        kwargs.pop("cu_seq_lens_q", None), kwargs.pop("max_length_q", None)
         unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
         if unknown:
             raise TypeError(f"EngineForCausalLM.forward got unsupported keyword(s) {unknown}")
@@ -360,22 +363,34 @@ class EngineForCausalLM(PreTrainedModel):
             raise ValueError("past_key_values, output_attentions and output_hidden_states are not supported "
                              "(generation runs on the engine's sampler)")
         packed = unpad(input_ids.to(self.device), attention_mask, position_ids)
-        h = self.model(packed["input_ids"], packed["position_ids"], packed["cu_seqlens"], packed["max_seqlen"])
-        loss = None
-        if labels is not None or shift_labels is not None:
-            targets = shifted_targets(labels, shift_labels, packed)
-            reduction = "mean" if num_items_in_batch is None else "sum"
-            loss = kernels.linear_cross_entropy(h, self.model.lm_head_weight, targets, reduction=reduction)
-            if num_items_in_batch is not None:
-                loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
-                               else num_items_in_batch)
-        logits = None
-        if loss is None or return_logits:
-            b, s = packed["shape"]
-            full = h if packed["keep"] is None else h.new_zeros(b * s, h.shape[-1]).index_copy(
-                0, packed["keep"].nonzero().flatten(), h)
-            full = full.view(b, s, -1)
-            if logits_to_keep:
-                full = full[:, -logits_to_keep:]
-            logits = self.model.compute_logits(full)
+        # The kernels take one dtype; autocast (Trainer's bf16=True / fp16=True) would mix
+        # them. The model computes in its parameters' dtype: load it in bf16 for bf16 compute.
+        with torch.autocast(self.device.type, enabled=False):
+            h = self.model(packed["input_ids"], packed["position_ids"], packed["cu_seqlens"], packed["max_seqlen"])
+            loss = logits = None
+            if labels is not None or shift_labels is not None:
+                loss = self.causal_lm_loss(h, shifted_targets(labels, shift_labels, packed), num_items_in_batch)
+            if loss is None or return_logits:
+                logits = self.padded_logits(h, packed, logits_to_keep)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def causal_lm_loss(self, hidden: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """transformers' ForCausalLMLoss on hidden [T, hidden] and targets [T] int64 (-100
+        ignored) through the fused LM head: the mean, or the sum / ``num_items_in_batch``."""
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = kernels.linear_cross_entropy(hidden, self.model.lm_head_weight, targets, reduction=reduction)
+        if num_items_in_batch is None:
+            return loss
+        n = num_items_in_batch
+        return loss / (n.to(loss.device) if torch.is_tensor(n) else n)
+
+    def padded_logits(self, hidden: torch.Tensor, packed: dict, logits_to_keep: int = 0) -> torch.Tensor:
+        """[B, S or logits_to_keep, vocab] logits of the packed hidden states [T, hidden], back
+        in the batch's padded layout (zeros at padding)."""
+        b, s = packed["shape"]
+        full = hidden if packed["keep"] is None else hidden.new_zeros(b * s, hidden.shape[-1]).index_copy(
+            0, packed["keep"].nonzero().flatten(), hidden)
+        full = full.view(b, s, -1)
+        if logits_to_keep:
+            full = full[:, -logits_to_keep:]
+        return self.model.compute_logits(full)
