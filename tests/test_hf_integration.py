@@ -162,6 +162,8 @@ def test_lora_matches_peft(checkpoint, tmp_path):
     ref = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), config)
     ref.save_pretrained(tmp_path / "init")
     ours = EngineForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with pytest.raises(ValueError, match="not found"):  # fused q/k/v: no q_proj module for peft (docstring)
+        peft.get_peft_model(ours, config)
     ours.add_adapter(config)
     ours.load_adapter(tmp_path / "init")
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {

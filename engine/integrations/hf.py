@@ -37,8 +37,17 @@ projections (no ``q_proj`` module exists for peft to replace). ``add_adapter(Lor
 ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the
 transformers model; ``load_adapter(folder)`` reads one back.
 
-Generation is the engine's sampler's job (``engine.model(path).spawn_sampler()``): this
-class has no KV cache and ``can_generate()`` is False.
+Generation is the engine's inference side's job (``engine.model(folder).spawn_inference()``
+on a ``save_pretrained`` folder): this class has no KV cache and ``can_generate()`` is False.
+
+Mixed precision: the kernels take one dtype, so under autocast (Trainer's ``bf16=True``)
+the model computes in its parameters' dtype; load it in bf16 for bf16 compute.
+
+Not covered: tensor parallelism (the model lives on one device; Trainer's data parallelism
+wraps it from outside, untested here), ``inputs_embeds``, and Trainer's ``resume_from_checkpoint`` of a LoRA run
+(Trainer resumes adapters only on a ``peft.PeftModel``; ``load_adapter`` of the checkpoint
+folder restores the adapter). Full-weight runs resume: ``load_state_dict`` takes the
+Hugging Face names ``save_pretrained`` writes.
 """
 from __future__ import annotations
 
@@ -284,8 +293,11 @@ class EngineForCausalLM(PreTrainedModel):
         add_lora(self.model, lora.rank, lora.alpha, lora.target_modules, dropout=lora.dropout,
                  use_rslora=lora.use_rslora, dtype=torch.float32, seed=int(torch.randint(2**31 - 1, ())))
 
-    def load_adapter(self, peft_model_id, adapter_name: str | None = None, **kwargs) -> None:
-        """Load a PEFT LoRA adapter folder as the model's trainable adapter."""
+    def load_adapter(self, peft_model_id, adapter_name: str | None = None) -> None:
+        """Load a PEFT LoRA adapter folder as the model's trainable adapter (added with its
+        config when the model has none; else its rank and targets must match)."""
+        if adapter_name not in (None, "default"):
+            raise ValueError(f"adapter_name: one adapter named 'default' is supported, got {adapter_name!r}")
         load_peft_lora(self.model, peft_model_id)
 
     # -- what transformers' Trainer and peft touch --------------------------------------------
