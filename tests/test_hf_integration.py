@@ -103,7 +103,10 @@ def test_packed_and_padded_forward_agree(checkpoint):
     lo = model(left, attention_mask=mask_l, labels=left.masked_fill(mask_l == 0, -100), **kw)
     p = model(flat, position_ids=pos, labels=labels_flat, **kw)
     p_unmarked = model(flat, position_ids=pos, labels=flat, **kw)  # no -100 at starts: the boundary is still cut
-    for other in (lo.loss, p.loss, p_unmarked.loss):
+    labels_r = right.masked_fill(mask_r == 0, -100)
+    shifted = torch.cat([labels_r[:, 1:], torch.full((3, 1), -100)], dim=1)
+    given = model(right, attention_mask=mask_r, shift_labels=shifted, num_items_in_batch=kw["num_items_in_batch"])
+    for other in (lo.loss, p.loss, p_unmarked.loss, given.loss):
         torch.testing.assert_close(other, r.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(p.logits[0], r.logits[mask_r.bool()], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lo.logits[mask_l.bool()], r.logits[mask_r.bool()], rtol=1e-5, atol=1e-5)

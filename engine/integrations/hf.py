@@ -16,8 +16,9 @@ One forward, hop by hop:
    (a restart at 0; transformers' ``find_packed_sequence_indices`` rule), so a
    ``DataCollatorWithFlattening`` batch (one row, positions 0.. per example) is several
    sequences. Positions default to 0, 1, ... per sequence (RoPE is relative, so this equals
-   transformers' ``arange(S)`` under right or left padding). One host read per forward: the
-   sequence starts, for ``cu_seqlens`` and ``max_seqlen``.
+   transformers' ``arange(S)`` under right or left padding). Host reads per forward: the
+   kept tokens' indices (with an ``attention_mask``) and the sequence starts, for
+   ``cu_seqlens`` and ``max_seqlen``.
 2. The engine's ``Transformer`` gives the final hidden states ``[T, hidden]``.
 3. The loss: ``labels`` are shifted as transformers' ``ForCausalLMLoss`` shifts them (the
    token at ``t`` predicts ``labels[t + 1]`` of its row, -100 ignored), or ``shift_labels``
@@ -84,8 +85,9 @@ def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
             (a restart at 0), a new sequence starts.
 
     Returns a dict: ``input_ids`` / ``position_ids`` [T] int64 and ``cu_seqlens`` [N+1] int32
-    of the kept tokens, ``max_seqlen`` (host int), ``keep`` [B * S] bool or None (all kept),
-    ``starts`` [B, S] bool (the first token of each sequence) and ``shape`` (B, S).
+    of the kept tokens, ``max_seqlen`` (host int), ``keep`` [B, S] bool and ``index`` [T]
+    int64 (the kept tokens' flat indices), both None when every token is kept, ``starts``
+    [B, S] bool (the first token of each sequence) and ``shape`` (B, S).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2) or input_ids.dtype != torch.int64:
         got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids)
@@ -107,11 +109,17 @@ def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
         after_drop = torch.ones_like(keep)
         after_drop[:, 1:] = ~keep[:, :-1]
         starts = (starts | after_drop) & keep
-    flat_starts = starts.flatten() if keep is None else starts.flatten()[keep.flatten()]
+    # Host reads: the kept tokens' indices (with padding) and the sequence starts.
+    index = None if keep is None else keep.flatten().nonzero().flatten()
+
+    def kept(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten() if index is None else x.flatten().index_select(0, index)
+
+    flat_starts = kept(starts)
     t = flat_starts.numel()
     if t == 0:
         raise ValueError("the batch keeps no token (attention_mask is 0 everywhere)")
-    first = flat_starts.nonzero().flatten().cpu()  # the forward's one host read
+    first = flat_starts.nonzero().flatten().cpu()
     cu = torch.cat([first, torch.tensor([t])]).to(torch.int32)
     max_seqlen = int(cu.diff().max())
     cu = cu.to(device)
@@ -119,10 +127,9 @@ def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
         seq_start = cu[:-1].long().repeat_interleave(cu.diff(), output_size=t)
         flat_pos = torch.arange(t, device=device) - seq_start
     else:
-        flat_pos = pos.flatten() if keep is None else pos.flatten()[keep.flatten()]
-    flat_ids = ids.flatten() if keep is None else ids.flatten()[keep.flatten()]
-    return {"input_ids": flat_ids, "position_ids": flat_pos, "cu_seqlens": cu, "max_seqlen": max_seqlen,
-            "keep": None if keep is None else keep.flatten(), "starts": starts, "shape": (b, s)}
+        flat_pos = kept(pos)
+    return {"input_ids": kept(ids), "position_ids": flat_pos, "cu_seqlens": cu, "max_seqlen": max_seqlen,
+            "keep": keep, "index": index, "starts": starts, "shape": (b, s)}
 
 
 def shifted_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None, packed: dict) -> torch.Tensor:
@@ -136,17 +143,17 @@ def shifted_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | No
         raise ValueError(f"{name} must be [B={b}, S={s}] like input_ids, got {tuple(given.shape)}")
     given = given.reshape(b, s).to(packed["starts"].device).long()
     if shift_labels is not None:
-        targets = given.clone()
+        targets = given
     else:
         targets = torch.full_like(given, IGNORE_INDEX)
         targets[:, :-1] = given[:, 1:]
         ends = torch.ones_like(packed["starts"])  # the next token starts a sequence or is dropped
         ends[:, :-1] = packed["starts"][:, 1:]
         if packed["keep"] is not None:
-            ends[:, :-1] |= ~packed["keep"].view(b, s)[:, 1:]
-        targets[ends] = IGNORE_INDEX
+            ends[:, :-1] |= ~packed["keep"][:, 1:]
+        targets = targets.masked_fill(ends, IGNORE_INDEX)
     flat = targets.flatten()
-    return flat if packed["keep"] is None else flat[packed["keep"]]
+    return flat if packed["index"] is None else flat.index_select(0, packed["index"])
 
 
 def _device(device_map) -> torch.device:
@@ -374,10 +381,12 @@ class EngineForCausalLM(PreTrainedModel):
         if past_key_values is not None or output_attentions or output_hidden_states:
             raise ValueError("past_key_values, output_attentions and output_hidden_states are not supported "
                              "(generation runs on the engine's sampler)")
-        packed = unpad(input_ids.to(self.device), attention_mask, position_ids)
+        device = self.device
+        packed = unpad(input_ids.to(device), None if attention_mask is None else attention_mask.to(device),
+                       None if position_ids is None else position_ids.to(device))
         # The kernels take one dtype; autocast (Trainer's bf16=True / fp16=True) would mix
         # them. The model computes in its parameters' dtype: load it in bf16 for bf16 compute.
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False):
             h = self.model(packed["input_ids"], packed["position_ids"], packed["cu_seqlens"], packed["max_seqlen"])
             loss = logits = None
             if labels is not None or shift_labels is not None:
@@ -400,8 +409,8 @@ class EngineForCausalLM(PreTrainedModel):
         """[B, S or logits_to_keep, vocab] logits of the packed hidden states [T, hidden], back
         in the batch's padded layout (zeros at padding)."""
         b, s = packed["shape"]
-        full = hidden if packed["keep"] is None else hidden.new_zeros(b * s, hidden.shape[-1]).index_copy(
-            0, packed["keep"].nonzero().flatten(), hidden)
+        full = hidden if packed["index"] is None else hidden.new_zeros(b * s, hidden.shape[-1]).index_copy(
+            0, packed["index"], hidden)
         full = full.view(b, s, -1)
         if logits_to_keep:
             full = full[:, -logits_to_keep:]
