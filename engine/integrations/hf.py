@@ -202,7 +202,10 @@ class EngineForCausalLM(PreTrainedModel):
             model = build_model(parse_config(config.to_dict()))
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    p.fill_(1.0) if "norm" in name else p.normal_(0.0, getattr(config, "initializer_range", 0.02))
+                    if "norm" in name:
+                        p.fill_(1.0)
+                    else:
+                        p.normal_(0.0, getattr(config, "initializer_range", 0.02))
         self.model = model
         self.gradient_checkpointing = False
         self.post_init()
@@ -241,7 +244,9 @@ class EngineForCausalLM(PreTrainedModel):
         Face names (each file written whole, then renamed into place), and
         generation_config.json when the source checkpoint had one. With an adapter
         (``add_adapter``), only the adapter, in PEFT's format. ``state_dict``: this model's
-        ``state_dict()`` to save instead of its parameters (as Trainer may pass)."""
+        ``state_dict()`` to save instead of its parameters (as Trainer may pass). transformers'
+        other keywords (``safe_serialization``, ``max_shard_size`` ...) are accepted and
+        change nothing: one safetensors file is written."""
         if not is_main_process:
             return
         folder = Path(save_directory)
