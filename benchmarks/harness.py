@@ -7,6 +7,7 @@ Results go to ``benchmarks/results/<device>/<op>.{json,png}``, or under ``$BENCH
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -64,6 +65,18 @@ def environment() -> dict:
         props = torch.cuda.get_device_properties(0)
         env.update(sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
     return env
+
+
+def gpu_or_smoke(argv: list[str] | None, doc: str, script: str) -> argparse.Namespace | None:
+    """Parse a GPU benchmark's command line (``--smoke``: a tiny CPU run of the same code
+    paths). None, after a line saying why, when there is no GPU and no ``--smoke``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the code paths)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not args.smoke:
+        print(f"{script} measures GPU training throughput and needs a CUDA GPU; use --smoke for a CPU check")
+        return None
+    return args
 
 
 def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> float:

@@ -126,7 +126,9 @@ def test_no_private_imports():
     assert not bad, "imports of private names:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("lower, upper", [("engine.models", "engine.parallel"), ("kernels", "engine")])
+@pytest.mark.parametrize("lower, upper", [("engine.models", "engine.parallel"), ("kernels", "engine")] + [
+    (lower, "engine.integrations") for lower in ("engine.models", "engine.parallel", "engine.infer", "engine.train",
+                                                  "engine.api")])
 def test_layers(lower, upper):
     bad = [f"{MODULES[m].relative_to(ROOT)}:{line}: {source}" for m in MODULES if m.startswith(lower)
            for line, source, _ in _imports(m) if source == upper or source.startswith(upper + ".")]

@@ -1,0 +1,8 @@
+"""The shapes other frameworks expect, on the engine's models and kernels.
+
+``engine.integrations.hf.EngineForCausalLM``: a transformers causal LM (``from_pretrained``,
+``forward(input_ids, attention_mask, labels, ...)``, ``save_pretrained``) for transformers'
+``Trainer``, TRL and the frameworks built on that calling convention. Submodules are
+imported by name (``from engine.integrations.hf import EngineForCausalLM``) so that each
+framework is needed only by the integration that uses it.
+"""
