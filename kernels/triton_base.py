@@ -7,8 +7,10 @@ imports and the torch backends run), whether kernels run under the interpreter, 
 that tests use to catch unwritten elements, and the unit-last-stride rule.
 
 Device side (``@triton.jit`` helpers, inlined by the compiler): tanh, ``dot`` / ``cast``
-with their interpreter workarounds, the Philox dropout keep-mask, and the attention scores
-and online-softmax step that varlen and paged attention both run.
+with their interpreter workarounds, the Philox dropout keep-mask and its application, the
+range of a split loop and a masked row tile, and the attention scores and online-softmax
+step that varlen and paged attention both run. Host side also: the fixed-order sum of
+per-split partials that keeps split reductions deterministic.
 """
 from __future__ import annotations
 
@@ -85,6 +87,16 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def fixed_order_sum(parts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """parts [splits, ...] (float32 partial sums, one slice per split of a reduction)
+    summed over the split dimension by torch's reduction, whose order is fixed by the shape
+    (no atomics): the same bits on every run, where float atomics would add in arrival
+    order. One split is returned as it is (a view) unless ``out`` is given."""
+    if parts.shape[0] == 1 and out is None:
+        return parts[0]
+    return torch.sum(parts, 0, out=out)
+
+
 # ---------------------------------------------------------------------------------------
 # device side
 
@@ -128,6 +140,28 @@ def dropout_keep(seed, p, rows, k0, n_cols, BLOCK_K: tl.constexpr):
     r0, r1, r2, r3 = tl.randint4x(seed, quads)
     r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
     return (r >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p  # 24-bit uniforms in [0, 1)
+
+
+@triton.jit
+def dropout_apply(x, keep, inv_keep, PREC: tl.constexpr):
+    """x * keep / (1 - p) (inv_keep = 1 / (1 - p)) in x's dtype."""
+    return cast(tl.where(keep, x.to(tl.float32) * inv_keep, 0.0), x.dtype, PREC)
+
+
+@triton.jit
+def split_range(per_split, total, AXIS: tl.constexpr):
+    """[start, end) of this program's split (grid axis AXIS) of a loop over ``total`` elements."""
+    start = tl.program_id(AXIS) * per_split
+    return start, tl.minimum(start + per_split, total)
+
+
+@triton.jit
+def row_tile(row_ptrs, row_ok, c0, end, BLOCK: tl.constexpr):
+    """Columns c0 + [0, BLOCK) of a block of rows (row_ptrs [rows, 1]): (the columns, the
+    mask of those < end, the tile, zero outside)."""
+    cols = c0 + tl.arange(0, BLOCK)
+    ok = cols < end
+    return cols, ok, tl.load(row_ptrs + cols[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
 
 
 @triton.jit

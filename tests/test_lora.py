@@ -73,7 +73,8 @@ def test_lora_linear_matches_float64(r, lead, bias, train_weight, impl):
 
 
 def test_triton_small_tiles_and_splits(monkeypatch):
-    """Several row / column tiles and split reductions (float32 atomics) per output."""
+    """Several row / column tiles and split reductions (per-split partials summed in a fixed
+    order) per output."""
     monkeypatch.setattr(lora_triton, "TEST_BLOCKS", dict(n=16, k=16, o=16, splits=3))
     x, w, a, b, bias = _lora_inputs(7, train_weight=True, seed=1)
     y = lora_linear(x, w, a, b, -1.3, bias=bias, impl="triton")
