@@ -3,7 +3,7 @@
 dy) and the dx pass (dx's rank-r term, written as the C of cuBLAS's dx += dy @ W, and dA).
 Both split their reductions over programs and write one float32 partial per split, which
 the launcher sums in a fixed order: no float atomics, the same bits on every run."""
-from .triton_base import cast, dot, dropout_apply, dropout_keep, row_tile, split_range, tl, triton
+from .triton_base import cast, dot, dropout_apply, dropout_bits, keep_from_bits, row_tile, split_range, tl, triton
 
 
 @triton.jit
@@ -78,17 +78,17 @@ def lora_dx_kernel(x_ptr, stride_xn, a_ptr, stride_ar, stride_ak, dyb_ptr, strid
                            mask=row_ok[:, None] & r_ok[None, :], other=0.0), dtype, PREC)
         tile = rows.to(tl.int64)[:, None]
         mask = row_ok[:, None] & col_ok[None, :]
-        if HAS_DROPOUT:  # one mask draw serves dx and dA
-            keep = dropout_keep(seed, p, rows, tl.program_id(0) * BLOCK_K, K, BLOCK_K)
+        if HAS_DROPOUT:  # one mask draw serves dx and dA, held packed (4 elements a register)
+            keep = dropout_bits(seed, p, rows, tl.program_id(0) * BLOCK_K, BLOCK_K)
         if NEED_DX:
             dx = dot(dyb, a, None, PREC) * scale
             if HAS_DROPOUT:
-                dx = tl.where(keep, dx * inv_keep, 0.0)
+                dx = tl.where(keep_from_bits(keep, BLOCK_K), dx * inv_keep, 0.0)
             tl.store(dx_ptr + tile * stride_dxn + cols[None, :], cast(dx, dtype, PREC), mask=mask)
         if NEED_DA:
             x = tl.load(x_ptr + tile * stride_xn + cols[None, :], mask=mask, other=0.0)
             if HAS_DROPOUT:
-                x = dropout_apply(x, keep, inv_keep, PREC)
+                x = dropout_apply(x, keep_from_bits(keep, BLOCK_K), inv_keep, PREC)
             da = dot(tl.trans(dyb), x, da, PREC)
     if NEED_DA:
         da_split = da_ptr + tl.program_id(1).to(tl.int64) * BLOCK_R * K

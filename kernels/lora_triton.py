@@ -33,7 +33,7 @@ float atomics, so the same inputs give the same bits on the same GPU. The dy pas
 its rows into s_n ranges and its out-features into s_o ranges, chosen so that the
 partials, (s_n·out + s_o·N)·r floats, are fewest for about two programs per SM: 4096->4096
 at N=8192, r=16 writes 12.6 MB of them (dy is 67 MB). The dropout mask is never
-stored: Philox (``tl.randint4x``, one call per 4 elements) regenerates it from the seed.
+stored: Philox (``tl.philox``, one call per 4 elements) regenerates it from the seed.
 
 Above ``FUSED_DY_MAX_RANK`` the backward's dy pass is two cuBLAS GEMMs instead (one more
 read of dy): holding dyB for a block of rows in registers limits the block to about 8K/r
@@ -91,7 +91,7 @@ def _adapter_products(acc, x, w_tile, stride_w, w_mask, ids, dtype: tl.constexpr
 def _mask_kernel(out_ptr, N, K, seed, p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(seed, p, rows, tl.program_id(1) * BLOCK_K, K, BLOCK_K)
+    keep = dropout_keep(seed, p, rows, tl.program_id(1) * BLOCK_K, BLOCK_K)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], keep.to(tl.int8), mask=mask)
 
@@ -117,7 +117,7 @@ def _shrink_kernel(x_ptr, stride_xn, a_ptr, stride_aa, stride_ar, stride_ak, ids
     for k0 in range(k_start, k_end, BLOCK_K):
         cols, k_ok, x = row_tile(x_rows, row_ok, k0, k_end, BLOCK_K)
         if HAS_DROPOUT:
-            x = dropout_apply(x, dropout_keep(seed, p, rows, k0, K, BLOCK_K), inv_keep, PREC)
+            x = dropout_apply(x, dropout_keep(seed, p, rows, k0, BLOCK_K), inv_keep, PREC)
         a_tile = a_ptr + rr[None, :] * stride_ar + cols[:, None].to(tl.int64) * stride_ak  # A.T tile [BK, BR]
         a_mask = k_ok[:, None] & r_ok[None, :]
         if MULTI:
@@ -334,11 +334,14 @@ def lora_bwd(dy, x, weight, a, b, xa, scale: float, p: float, seed: int, needs: 
             splits = triton.cdiv(n, n_per_split)
             if with_da:
                 da_parts = empty((splits, r_pad, k), torch.float32, dev)
+            # With dropout, 8 warps and 2 stages: at 4 warps / 3 stages the mask, the dx tile
+            # and the dA accumulator spilled at ranks 16-64 (ptxas, sm_90a, bf16; issue 16).
+            warps, stages = (8, 2) if p > 0 else (4, 3)
             lora_dx_kernel[(tiles_k, splits)](
                 x, x.stride(0), a, a.stride(0), a.stride(1), dyb, dyb.stride(0), dx if with_dx else dyb,
                 dx.stride(0) if with_dx else 0, da_parts if with_da else dyb, n, k, r, n_per_split, scale, seed, p,
                 1.0 / (1.0 - p), NEED_DX=with_dx, NEED_DA=with_da, HAS_DROPOUT=p > 0, PREC=dot_mode(x.dtype),
-                BLOCK_N=blk["n"], BLOCK_K=blk["k"], BLOCK_R=r_pad, num_warps=4, num_stages=3)
+                BLOCK_N=blk["n"], BLOCK_K=blk["k"], BLOCK_R=r_pad, num_warps=warps, num_stages=stages)
 
         def run_dx(choice):
             if choice == "cublas":

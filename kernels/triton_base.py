@@ -132,14 +132,38 @@ def cast(x, dtype: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, p, rows, k0, n_cols, BLOCK_K: tl.constexpr):
+def dropout_keep(seed, p, rows, k0, BLOCK_K: tl.constexpr):
     """Dropout keep-mask of the tile rows x [k0, k0 + BLOCK_K) (k0 a multiple of 4): element
-    (row, col) keeps when u >= p, u the (col % 4)-th of the four uniforms Philox draws for
-    counter row * cdiv(n_cols, 4) + col // 4 (one Philox call per 4 elements; int64 counters)."""
-    quads = rows.to(tl.int64)[:, None] * ((n_cols + 3) // 4) + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, quads)
-    r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-    return (r >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p  # 24-bit uniforms in [0, 1)
+    (row, col) keeps when u >= p, u the (col % 4)-th of the four 24-bit uniforms that
+    Philox-4x32-10 draws for the counter (col // 4, row, 0, 0): one call per 4 elements,
+    32-bit counter words (rows and column quads below 2^32), no 64-bit index arithmetic."""
+    return keep_from_bits(dropout_bits(seed, p, rows, k0, BLOCK_K), BLOCK_K)
+
+
+@triton.jit
+def dropout_bits(seed, p, rows, k0, BLOCK_K: tl.constexpr):
+    """The keep-mask of :func:`dropout_keep` packed: int32 [rows, BLOCK_K // 4], bit j of
+    quad q keeping column k0 + 4q + j. One register per four mask elements: a kernel that
+    draws the mask early holds this, and expands it (:func:`keep_from_bits`) where used."""
+    quads = (k0 // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)[None, :]
+    row = rows.to(tl.uint32)[:, None]
+    zero = quads * row * 0
+    r0, r1, r2, r3 = tl.philox(seed, quads + zero, row + zero, zero, zero)
+    return _keep_bit(r0, p) | (_keep_bit(r1, p) << 1) | (_keep_bit(r2, p) << 2) | (_keep_bit(r3, p) << 3)
+
+
+@triton.jit
+def keep_from_bits(bits, BLOCK_K: tl.constexpr):
+    """bool [rows, BLOCK_K] from :func:`dropout_bits`: interleaving copies each quad's
+    register to its four columns, where each picks its own bit."""
+    spread = tl.interleave(tl.interleave(bits, bits), tl.interleave(bits, bits))
+    return ((spread >> (tl.arange(0, BLOCK_K) % 4)[None, :]) & 1) != 0
+
+
+@triton.jit
+def _keep_bit(r, p):
+    """1 where the 24-bit uniform of the Philox output r is >= p (kept), else 0 (int32)."""
+    return ((r >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p).to(tl.int32)
 
 
 @triton.jit
