@@ -3,8 +3,8 @@ inputs with impl="triton" gives the same bits, outputs and gradients (torch.equa
 
 DESIGN.md: "Deterministic by default: no float atomics on a default path". The interpreter
 runs programs one after another, so only a GPU shows a reduction whose order depends on
-which program finishes first. Shapes are moderate (each test well under a second on an
-H100) but large enough that the split reductions split: LoRA's shrink over in-features,
+which program finishes first. Shapes are moderate (compilation aside, each test's kernels
+run in milliseconds on an H100) but large enough that the split reductions split: LoRA's shrink over in-features,
 its dy pass over rows and out-features with several row blocks per row split (N=8192,
 out=4096 on 132 SMs), dA over rows, and paged attention's split-K over a long context.
 """
