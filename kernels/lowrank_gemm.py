@@ -23,9 +23,13 @@ from .triton_base import cast, dot, dot_block, dot_mode, dropout_bits, keep_from
 # cuBLAS scheme and every fused config and keep the fastest (CUDA, bf16/fp16); the
 # interpreter and float32 take "cublas". Tests and benchmarks force one.
 GEMM: str | None = None
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, TMA loads)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, TMA loads). No bf16 launch of these spills
+# registers (ptxas -v, sm_90a, triton 3.6 and 3.9; ranks 8-64, with and without dropout).
+# Dropped: (128, 128, 64, 4, 4, False), whose 128 accumulator floats per thread on 4 warps
+# left too few registers for dropout at rank 64 (8-12 B spilled; slicing the rank did not
+# cure it under triton 3.6); (128, 128, 64, 8, 4, False) is the same tile on 8 warps.
 CONFIGS = ((128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, False), (128, 128, 64, 8, 4, False),
-           (128, 128, 64, 4, 4, False), (128, 256, 64, 8, 3, True), (128, 128, 64, 8, 4, True))
+           (128, 256, 64, 8, 3, True), (128, 128, 64, 8, 4, True))
 _PICKS: dict = {}  # shape class -> "cublas" or a config of CONFIGS
 
 
@@ -43,7 +47,7 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
 @triton.jit
 def _lowrank_term(pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, M, N, R, scale, seed, p, inv_keep,
                   dtype: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, RANK_STEP: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """The tile's scale * lo @ rt (* keep-mask / (1 - p)) in float32 [BLOCK_M, BLOCK_N]
     (operands in C's dtype, dtype): the initial accumulator of the main loop.
 
@@ -61,14 +65,10 @@ def _lowrank_term(pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn,
         tl.debug_barrier()
     rm = (rows % M).to(tl.int64)  # rows / columns past the end read in-range data, never stored
     rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
-    low = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r0 in tl.static_range(0, BLOCK_R, RANK_STEP):
-        rr = r0 + tl.arange(0, RANK_STEP)
-        lo = tl.load(lo_ptr + rm[:, None] * stride_lm + rr[None, :], mask=(rr < R)[None, :], other=0.0)
-        rt = tl.load(rt_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=(rr < R)[:, None], other=0.0)
-        low = dot(cast(lo.to(tl.float32) * scale, dtype, PREC), cast(rt, dtype, PREC), low, PREC)
-        if HAS_DROPOUT:
-            tl.debug_barrier()  # the next slice's loads wait for this one's product
+    rr = tl.arange(0, BLOCK_R)
+    lo = tl.load(lo_ptr + rm[:, None] * stride_lm + rr[None, :], mask=(rr < R)[None, :], other=0.0).to(tl.float32)
+    rt = tl.load(rt_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=(rr < R)[:, None], other=0.0)
+    low = dot(cast(lo * scale, dtype, PREC), cast(rt, dtype, PREC), None, PREC)
     if HAS_DROPOUT:
         low = tl.where(keep_from_bits(keep, BLOCK_N), low, 0.0)
     return low
@@ -92,7 +92,7 @@ def _gemm_lowrank_kernel(p_ptr, stride_pm, stride_pk, q_ptr, stride_qk, stride_q
                          M, N, K, R, scale, seed, p, inv_keep,
                          HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_R: tl.constexpr, RANK_STEP: tl.constexpr, GROUP_M: tl.constexpr):
+                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """C = P @ Q + scale * lo @ rt (* dropout keep-mask / (1 - p)) + bias, written once.
 
     P [M, K] and Q [K, N] in C's dtype (any strides), lo [M, >= R] (xa or dyB) and rt
@@ -101,7 +101,7 @@ def _gemm_lowrank_kernel(p_ptr, stride_pm, stride_pk, q_ptr, stride_qk, stride_q
     pre-written and read back by cuBLAS."""
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _lowrank_term(pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, M, N, R, scale, seed, p,
-                        inv_keep, c_ptr.dtype.element_ty, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R, RANK_STEP)
+                        inv_keep, c_ptr.dtype.element_ty, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
     # Out-of-range rows / columns load in-range data (wrapped) and are never stored: only K
     # needs a mask in the loop.
     rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
@@ -127,14 +127,14 @@ def _gemm_lowrank_tma_kernel(p_desc, q_desc, lo_ptr, stride_lm, rt_ptr, stride_r
                              stride_cm, M, N, K, R, scale, seed, p, inv_keep,
                              Q_ROWS_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                              PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_R: tl.constexpr, RANK_STEP: tl.constexpr, GROUP_M: tl.constexpr):
+                             BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """_gemm_lowrank_kernel with the P and Q tiles loaded through TMA descriptors (Hopper's
     copy engine fills shared memory; out-of-range elements read as zero). Q_ROWS_N: Q's
     descriptor is over Q.T ([N, K] in memory, as W in the forward), its tiles transposed
     for the MMA."""
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _lowrank_term(pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, M, N, R, scale, seed, p,
-                        inv_keep, c_ptr.dtype.element_ty, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R, RANK_STEP)
+                        inv_keep, c_ptr.dtype.element_ty, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
     for k0 in range(0, K, BLOCK_K):
         a = p_desc.load([pid_m * BLOCK_M, k0])
         if Q_ROWS_N:
@@ -160,12 +160,8 @@ def gemm_lowrank(p_op: torch.Tensor, q_op: torch.Tensor, lo: torch.Tensor, rt: t
     n = q_op.shape[1]
     bm, bn, bk, warps, stages, tma = config
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    block_r = dot_block(r)
-    # With dropout on 4 warps, the rank-r term is taken in slices of 32 (ptxas, sm_90a: 128x128
-    # at rank 64 spilled 8 B in one piece; on 8 warps one piece spills nothing and slices did).
-    rank_step = min(block_r, 32) if p > 0 and warps == 4 else block_r
     common = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, PREC=dot_mode(out.dtype), BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_K=bk, BLOCK_R=block_r, RANK_STEP=rank_step, GROUP_M=8, num_warps=warps, num_stages=stages)
+                  BLOCK_K=bk, BLOCK_R=dot_block(r), GROUP_M=8, num_warps=warps, num_stages=stages)
     tail = (lo, lo.stride(0), rt, rt.stride(0), rt.stride(1), bias if bias is not None else out, out, out.stride(0),
             m, n, k, r, scale, seed, p, 1.0 / (1.0 - p))
     if tma:

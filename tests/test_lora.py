@@ -148,7 +148,7 @@ def test_low_precision_within_twice_torch_error(dtype, lora_dtype):
     ("fused", 7, True, 0.0, torch.float32, None, (IN, OUT)),
     ("fused", 40, False, 0.0, torch.float32, None, (IN, OUT)),  # rank padded to 64, dyB from cuBLAS
     ("fused", 6, True, 0.3, torch.float32, dict(n=16, k=16, o=16, splits=2), (IN, OUT)),  # dropout, many tiles
-    ("fused", 40, False, 0.3, torch.float32, None, (IN, OUT)),  # dropout at padded rank 64: the term in 2 slices
+    ("fused", 40, False, 0.3, torch.float32, None, (IN, OUT)),  # dropout at padded rank 64
     ("fused", 16, True, 0.0, torch.bfloat16, None, (IN, OUT)),
     # TMA loads: 16-byte aligned rows; K not a multiple of the tile (zero-filled reads)
     ("fused-tma", 5, True, 0.2, torch.float32, dict(n=16, k=16, o=16, splits=2), (52, 72)),
