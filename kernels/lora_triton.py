@@ -15,17 +15,25 @@ forward   xa = dropout(x) @ A.T            shrink kernel: reads x once (2·N·in
           y  = scale * xa @ B.T + bias     expand kernel: writes y once (2·N·out)
           y += x @ W.T                     cuBLAS addmm with beta=1: reads y as C in the
                                            epilogue of a compute-bound GEMM
-backward  dyB = dy @ B, dB = dy.T @ xa     one kernel, one read of dy (2·N·out); partial
-                                           sums of dyB and dB added in float32 atomics
+backward  dyB = dy @ B, dB = dy.T @ xa     one kernel, one read of dy (2·N·out); float32
+                                           partial sums per split, summed in fixed order
           dx = scale * (dyB @ A) * mask    one kernel: writes dx (2·N·in), reads x (2·N·in)
           dA = scale * dyB.T @ dropout(x)  for dA in the same pass, mask regenerated
           dx += dy @ W                     cuBLAS addmm with beta=1
           dW = dy.T @ x                    cuBLAS, only when weight requires grad
 
 So the adapter costs 2·(2·N·in + 2·N·out) + 2·N·in bytes of extra traffic per step
-(besides the [N, r] and [out, r] float32 side buffers, which live in L2): N=8192,
-in=out=4096 gives 5 x 64 MiB, about 100 us at 3.3 TB/s. The dropout mask is never
-stored: Philox (``tl.randint4x``, one call per 4 elements) regenerates it from the seed.
+(besides the [N, r] and [out, r] float32 side buffers): N=8192, in=out=4096 gives 5 x 64
+MiB, about 100 us at 3.3 TB/s.
+
+Deterministic: a reduction split over programs (the shrink over in-features, the dy pass
+over rows and out-features, dA over rows) writes one float32 partial per split, and the
+host sums them with ``torch.sum`` over the split dimension, a fixed-order reduction; no
+float atomics, so the same inputs give the same bits on the same GPU. The dy pass splits
+its rows into s_n ranges and its out-features into s_o ranges, chosen so that the
+partials, (s_n·out + s_o·N)·r floats, are fewest for about two programs per SM: 4096->4096
+at N=8192, r=16 writes 12.6 MB of them (dy is 67 MB). The dropout mask is never
+stored: Philox (``tl.philox``, one call per 4 elements) regenerates it from the seed.
 
 Above ``FUSED_DY_MAX_RANK`` the backward's dy pass is two cuBLAS GEMMs instead (one more
 read of dy): holding dyB for a block of rows in registers limits the block to about 8K/r
@@ -39,41 +47,20 @@ adapter's weights.
 """
 from __future__ import annotations
 
-from __future__ import annotations
+import math
 
 import torch
 
 from . import configs
 from .dispatch import on_device
+from .lora_bwd_triton import lora_dx_kernel, lora_dy_kernel
 from .lowrank_gemm import block_class, gemm_lowrank, pick_gemm, tma_ok
-from .triton_base import (cast, dot, dot_block, dot_mode, dropout_keep, empty, interpreting, sm_count, tl, triton,
-                          unit_last_stride)
+from .triton_base import (cast, dot, dot_block, dot_mode, dropout_apply, dropout_keep, empty, fixed_order_sum,
+                          interpreting, row_tile, sm_count, split_range, tl, triton, unit_last_stride)
 
 FUSED_DY_MAX_RANK = 32  # padded rank up to which dyB and dB share one pass over dy
 TEST_BLOCKS: dict | None = None  # tests: force small blocks and several splits, e.g. dict(n=16, k=16, o=16, splits=2)
 _BIG = tl.constexpr(2**30)  # id of rows without an adapter (jit globals must be constexpr)
-
-
-@triton.jit
-def _dropout(x, keep, inv_keep, PREC: tl.constexpr):
-    """x * keep / (1 - p) in x's dtype."""
-    return cast(tl.where(keep, x.to(tl.float32) * inv_keep, 0.0), x.dtype, PREC)
-
-
-@triton.jit
-def _split_range(per_split, total):
-    """[start, end) of this program's split (grid axis 1) of a loop over ``total`` elements."""
-    start = tl.program_id(1) * per_split
-    return start, tl.minimum(start + per_split, total)
-
-
-@triton.jit
-def _row_tile(row_ptrs, row_ok, c0, end, BLOCK: tl.constexpr):
-    """Columns c0 + [0, BLOCK) of a block of rows (row_ptrs [rows, 1]): (the columns, the
-    mask of those < end, the tile, zero outside)."""
-    cols = c0 + tl.arange(0, BLOCK)
-    ok = cols < end
-    return cols, ok, tl.load(row_ptrs + cols[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -105,7 +92,7 @@ def _adapter_products(acc, x, w_tile, stride_w, w_mask, ids, dtype: tl.constexpr
 def _mask_kernel(out_ptr, N, K, seed, p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(seed, p, rows, tl.program_id(1) * BLOCK_K, K, BLOCK_K)
+    keep = dropout_keep(seed, p, rows, tl.program_id(1) * BLOCK_K, BLOCK_K)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], keep.to(tl.int8), mask=mask)
 
@@ -113,11 +100,12 @@ def _mask_kernel(out_ptr, N, K, seed, p, BLOCK_N: tl.constexpr, BLOCK_K: tl.cons
 @triton.jit
 def _shrink_kernel(x_ptr, stride_xn, a_ptr, stride_aa, stride_ar, stride_ak, ids_ptr, scales_ptr, xa_ptr,
                    N, K, R, k_per_split, seed, p, inv_keep,
-                   MULTI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
+                   MULTI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """xa[rows] (+)= dropout(x[rows, k-range]) @ A.T over one split of the in-features,
-    float32 [N, BLOCK_R]. MULTI: A is [n, r, in], each row uses A[ids[row]] and the result
-    is multiplied by scales[ids[row]] (0 for id -1)."""
+    """Split s (grid axis 1) of xa = dropout(x) @ A.T: its partial sum over the split's
+    in-features, dropout(x[rows, k-range]) @ A.T, stored into slice s of the float32
+    [splits, N, BLOCK_R] xa_ptr. MULTI: A is [n, r, in], each row uses A[ids[row]] and the
+    result is multiplied by scales[ids[row]] (0 for id -1)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rr = tl.arange(0, BLOCK_R)
@@ -126,11 +114,11 @@ def _shrink_kernel(x_ptr, stride_xn, a_ptr, stride_aa, stride_ar, stride_ak, ids
     if MULTI:
         ids = _adapter_ids(ids_ptr, rows, row_ok)
     acc = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
-    k_start, k_end = _split_range(k_per_split, K)
+    k_start, k_end = split_range(k_per_split, K, 1)
     for k0 in range(k_start, k_end, BLOCK_K):
-        cols, k_ok, x = _row_tile(x_rows, row_ok, k0, k_end, BLOCK_K)
+        cols, k_ok, x = row_tile(x_rows, row_ok, k0, k_end, BLOCK_K)
         if HAS_DROPOUT:
-            x = _dropout(x, dropout_keep(seed, p, rows, k0, K, BLOCK_K), inv_keep, PREC)
+            x = dropout_apply(x, dropout_keep(seed, p, rows, k0, BLOCK_K), inv_keep, PREC)
         a_tile = a_ptr + rr[None, :] * stride_ar + cols[:, None].to(tl.int64) * stride_ak  # A.T tile [BK, BR]
         a_mask = k_ok[:, None] & r_ok[None, :]
         if MULTI:
@@ -141,11 +129,8 @@ def _shrink_kernel(x_ptr, stride_xn, a_ptr, stride_aa, stride_ar, stride_ak, ids
     if MULTI:
         s = tl.load(scales_ptr + ids, mask=row_ok & (ids < _BIG), other=0.0).to(tl.float32)
         acc = acc * s[:, None]
-    out = xa_ptr + rows.to(tl.int64)[:, None] * BLOCK_R + rr[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=row_ok[:, None] & (rr < BLOCK_R)[None, :])
-    else:
-        tl.store(out, acc, mask=row_ok[:, None])
+    out = xa_ptr + (tl.program_id(1).to(tl.int64) * N + rows)[:, None] * BLOCK_R + rr[None, :]
+    tl.store(out, acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -176,79 +161,6 @@ def _expand_kernel(xa_ptr, b_ptr, stride_ba, stride_bo, stride_br, ids_ptr, bias
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_yn + cols[None, :], cast(acc, dtype, PREC),
              mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _bwd_dy_kernel(dy_ptr, stride_dyn, b_ptr, stride_bo, stride_br, xa_ptr, dyb_ptr, db_ptr, dbias_ptr,
-                   N, M, R, o_per_split,
-                   NEED_DB: tl.constexpr, NEED_DBIAS: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One read of dy over rows x one split of the out-features: dyB[rows] += dy @ B,
-    dB += dy.T @ xa[rows] and dbias += column sums of dy, all float32 atomics (L2-resident
-    targets: [N, BR], [out, BR], [out])."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rr = tl.arange(0, BLOCK_R)
-    dtype = dy_ptr.dtype.element_ty
-    dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dyn
-    if NEED_DB:
-        xa = cast(tl.load(xa_ptr + rows.to(tl.int64)[:, None] * BLOCK_R + rr[None, :], mask=row_ok[:, None],
-                          other=0.0), dtype, PREC)
-    dyb = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
-    o_start, o_end = _split_range(o_per_split, M)
-    for o0 in range(o_start, o_end, BLOCK_O):
-        cols, col_ok, dy = _row_tile(dy_rows, row_ok, o0, o_end, BLOCK_O)
-        b = cast(tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_bo + rr[None, :] * stride_br,
-                         mask=col_ok[:, None] & (rr < R)[None, :], other=0.0), dtype, PREC)
-        dyb = dot(dy, b, dyb, PREC)
-        if NEED_DB:
-            part = dot(tl.trans(dy), xa, None, PREC)
-            tl.atomic_add(db_ptr + cols.to(tl.int64)[:, None] * BLOCK_R + rr[None, :], part,
-                          mask=col_ok[:, None] & (rr < BLOCK_R)[None, :])
-        if NEED_DBIAS:
-            tl.atomic_add(dbias_ptr + cols, tl.sum(dy.to(tl.float32), axis=0), mask=col_ok)
-    tl.atomic_add(dyb_ptr + rows.to(tl.int64)[:, None] * BLOCK_R + rr[None, :], dyb,
-                  mask=row_ok[:, None] & (rr < BLOCK_R)[None, :])
-
-
-@triton.jit
-def _bwd_dx_kernel(x_ptr, stride_xn, a_ptr, stride_ar, stride_ak, dyb_ptr, stride_dybn, dx_ptr, stride_dxn, da_ptr,
-                   N, K, R, n_per_split, scale, seed, p, inv_keep,
-                   NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One tile of in-features x one split of the rows: dx = scale * (dyB @ A) * mask / (1-p)
-    written (the initial C of dx += dy @ W) and dA += dyB.T @ dropout(x) accumulated in
-    registers over the rows, then added to the float32 [BR, in] buffer."""
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    rr = tl.arange(0, BLOCK_R)
-    r_ok = rr < R
-    dtype = x_ptr.dtype.element_ty
-    a = cast(tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :].to(tl.int64) * stride_ak,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0), dtype, PREC)
-    da = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    n_start, n_end = _split_range(n_per_split, N)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < n_end
-        dyb = cast(tl.load(dyb_ptr + rows.to(tl.int64)[:, None] * stride_dybn + rr[None, :],
-                           mask=row_ok[:, None] & r_ok[None, :], other=0.0), dtype, PREC)
-        tile = rows.to(tl.int64)[:, None]
-        mask = row_ok[:, None] & col_ok[None, :]
-        if HAS_DROPOUT:  # one mask draw serves dx and dA
-            keep = dropout_keep(seed, p, rows, tl.program_id(0) * BLOCK_K, K, BLOCK_K)
-        if NEED_DX:
-            dx = dot(dyb, a, None, PREC) * scale
-            if HAS_DROPOUT:
-                dx = tl.where(keep, dx * inv_keep, 0.0)
-            tl.store(dx_ptr + tile * stride_dxn + cols[None, :], cast(dx, dtype, PREC), mask=mask)
-        if NEED_DA:
-            x = tl.load(x_ptr + tile * stride_xn + cols[None, :], mask=mask, other=0.0)
-            if HAS_DROPOUT:
-                x = _dropout(x, keep, inv_keep, PREC)
-            da = dot(tl.trans(dyb), x, da, PREC)
-    if NEED_DA:
-        tl.atomic_add(da_ptr + rr[:, None] * K + cols[None, :], da, mask=(rr < BLOCK_R)[:, None] & col_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,9 +202,25 @@ def _split_length(total: int, block: int, blk: dict, other_programs: int, t: tor
     if blk["splits"] is not None:
         splits = max(1, min(blk["splits"], tiles))
     else:
-        want = 2 * sm_count(t.device) if t.is_cuda else 4
-        splits = max(1, min(tiles, triton.cdiv(want, max(other_programs, 1))))
+        splits = max(1, min(tiles, triton.cdiv(_programs_wanted(t), max(other_programs, 1))))
     return triton.cdiv(tiles, splits) * block
+
+
+def _programs_wanted(t: torch.Tensor) -> int:
+    return 2 * sm_count(t.device) if t.is_cuda else 4
+
+
+def _dy_split_lengths(n: int, m: int, blk: dict, t: torch.Tensor) -> tuple[int, int]:
+    """(rows, out-features) per split of the dy pass. Its float32 partials hold s_n·m + s_o·n
+    rows of r_pad floats for s_n row splits and s_o column splits; with s_n·s_o about
+    :func:`_programs_wanted`, that is least at s_n = sqrt(programs · n / m)."""
+    tiles_n = triton.cdiv(n, blk["n"])
+    if blk["splits"] is not None:
+        splits_n = max(1, min(blk["splits"], tiles_n))
+    else:
+        splits_n = max(1, min(tiles_n, round(math.sqrt(_programs_wanted(t) * n / m))))
+    n_per_split = triton.cdiv(tiles_n, splits_n) * blk["n"]
+    return n_per_split, _split_length(m, blk["o"], blk, triton.cdiv(n, n_per_split), t)
 
 
 def _fused_config(config: tuple) -> tuple:
@@ -315,7 +243,8 @@ def dropout_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.devi
 
 
 def _shrink(x, a, xa, *, ids=None, scales=None, seed=0, p=0.0) -> None:
-    """xa [N, r_pad] float32 (zeroed when split) <- x @ A.T (MULTI when ids is given)."""
+    """xa [N, r_pad] float32 <- x @ A.T (MULTI when ids is given); split over the
+    in-features, the splits' partials go through a buffer summed in a fixed order."""
     n, k = x.shape
     r_pad = xa.shape[1]
     multi = ids is not None
@@ -323,14 +252,15 @@ def _shrink(x, a, xa, *, ids=None, scales=None, seed=0, p=0.0) -> None:
     grid_n = triton.cdiv(n, blk["n"])
     k_per_split = _split_length(k, blk["k"], blk, grid_n, x)
     splits = triton.cdiv(k, k_per_split)
-    if splits > 1:
-        xa.zero_()
+    parts = empty((splits, n, r_pad), torch.float32, x.device) if splits > 1 else xa
     sa = (a.stride(0), a.stride(1), a.stride(2)) if multi else (0, a.stride(0), a.stride(1))
     _shrink_kernel[(grid_n, splits)](
-        x, x.stride(0), a, *sa, ids if multi else x, scales if multi else x, xa,
+        x, x.stride(0), a, *sa, ids if multi else x, scales if multi else x, parts,
         n, k, a.shape[-2], k_per_split, seed, p, 1.0 / (1.0 - p),
-        MULTI=multi, HAS_DROPOUT=p > 0, ATOMIC=splits > 1, PREC=dot_mode(x.dtype),
+        MULTI=multi, HAS_DROPOUT=p > 0, PREC=dot_mode(x.dtype),
         BLOCK_N=blk["n"], BLOCK_K=blk["k"], BLOCK_R=r_pad, num_warps=4, num_stages=3)
+    if splits > 1:
+        fixed_order_sum(parts, xa)
 
 
 def _expand(xa, b, y, bias, scale, *, ids=None) -> None:
@@ -378,23 +308,23 @@ def lora_bwd(dy, x, weight, a, b, xa, scale: float, p: float, seed: int, needs: 
         zeros = [torch.zeros_like(t) if need else None for t, need in ((x, need_x), (weight, need_w), (a, need_a),
                                                                        (b, need_b))]
         return (*zeros, torch.zeros(m, dtype=dy.dtype, device=dev) if need_bias else None)
-    f32 = dict(dtype=torch.float32, device=dev)
     with on_device(dy.device):
         if r_pad <= FUSED_DY_MAX_RANK:
             blk = blocks("dy", r_pad, dy)
-            grid_n = triton.cdiv(n, blk["n"])
-            o_per_split = _split_length(m, blk["o"], blk, grid_n, dy)
-            dyb = torch.zeros(n, r_pad, **f32)
-            db_acc = torch.zeros(m, r_pad, **f32) if need_b else dyb
-            dbias_acc = torch.zeros(m, **f32) if need_bias else dyb
-            _bwd_dy_kernel[(grid_n, triton.cdiv(m, o_per_split))](
-                dy, dy.stride(0), b, b.stride(0), b.stride(1), xa, dyb, db_acc, dbias_acc, n, m, r, o_per_split,
-                NEED_DB=need_b, NEED_DBIAS=need_bias, PREC=dot_mode(dy.dtype),
+            n_per_split, o_per_split = _dy_split_lengths(n, m, blk, dy)
+            splits_n, splits_o = triton.cdiv(n, n_per_split), triton.cdiv(m, o_per_split)
+            dyb_parts = empty((splits_o, n, r_pad), torch.float32, dev)
+            db_parts = empty((splits_n, m, r_pad), torch.float32, dev) if need_b else dyb_parts
+            dbias_parts = empty((splits_n, m), torch.float32, dev) if need_bias else dyb_parts
+            lora_dy_kernel[(splits_n, splits_o)](
+                dy, dy.stride(0), b, b.stride(0), b.stride(1), xa, dyb_parts, db_parts, dbias_parts, n, m, r,
+                n_per_split, o_per_split, NEED_DB=need_b, NEED_DBIAS=need_bias, PREC=dot_mode(dy.dtype),
                 BLOCK_N=blk["n"], BLOCK_O=blk["o"], BLOCK_R=r_pad, num_warps=4, num_stages=3)
+            dyb = fixed_order_sum(dyb_parts)
             if need_b:
-                db = (db_acc[:, :r] * scale).to(b.dtype)
+                db = (fixed_order_sum(db_parts)[:, :r] * scale).to(b.dtype)
             if need_bias:
-                dbias = dbias_acc.to(dy.dtype)
+                dbias = fixed_order_sum(dbias_parts).to(dy.dtype)
         else:  # two cuBLAS GEMMs, each reading dy once
             dyb = torch.mm(dy, b.to(dy.dtype))
             if need_b:
@@ -402,18 +332,26 @@ def lora_bwd(dy, x, weight, a, b, xa, scale: float, p: float, seed: int, needs: 
             if need_bias:
                 dbias = dy.sum(0)
         dx = empty((n, k), x.dtype, dev) if need_x else None
-        da_acc = torch.zeros(r_pad, k, **f32) if need_a else None
+        da_parts = None
 
         def dx_da(with_dx: bool, with_da: bool):
-            """dx = scale * (dyB @ A) * mask (the C of dx += dy @ W) and / or dA."""
+            """dx = scale * (dyB @ A) * mask (the C of dx += dy @ W) and / or dA's per-split
+            partials (da_parts [splits, r_pad, in] float32)."""
+            nonlocal da_parts
             blk = blocks("dx", r_pad, dy)
             tiles_k = triton.cdiv(k, blk["k"])
             n_per_split = _split_length(n, blk["n"], blk, tiles_k, dy)
-            _bwd_dx_kernel[(tiles_k, triton.cdiv(n, n_per_split))](
+            splits = triton.cdiv(n, n_per_split)
+            if with_da:
+                da_parts = empty((splits, r_pad, k), torch.float32, dev)
+            # With dropout, 8 warps and 2 stages: at 4 warps / 3 stages the mask, the dx tile
+            # and the dA accumulator spilled at ranks 16-64 (ptxas, sm_90a, bf16; issue 16).
+            warps, stages = (8, 2) if p > 0 else (4, 3)
+            lora_dx_kernel[(tiles_k, splits)](
                 x, x.stride(0), a, a.stride(0), a.stride(1), dyb, dyb.stride(0), dx if with_dx else dyb,
-                dx.stride(0) if with_dx else 0, da_acc if with_da else dyb, n, k, r, n_per_split, scale, seed, p,
+                dx.stride(0) if with_dx else 0, da_parts if with_da else dyb, n, k, r, n_per_split, scale, seed, p,
                 1.0 / (1.0 - p), NEED_DX=with_dx, NEED_DA=with_da, HAS_DROPOUT=p > 0, PREC=dot_mode(x.dtype),
-                BLOCK_N=blk["n"], BLOCK_K=blk["k"], BLOCK_R=r_pad, num_warps=4, num_stages=3)
+                BLOCK_N=blk["n"], BLOCK_K=blk["k"], BLOCK_R=r_pad, num_warps=warps, num_stages=stages)
         pick = pick_gemm("dx", dx, m, r_pad, (p > 0,), tma_ok(dy, weight)) if need_x else None
         if pick == "cublas":
             dx_da(True, need_a)  # one kernel writes dx's C and accumulates dA
@@ -424,7 +362,7 @@ def lora_bwd(dy, x, weight, a, b, xa, scale: float, p: float, seed: int, needs: 
             if need_x:
                 gemm_lowrank(dy, weight, dyb, a, r, scale, None, dx, seed, p, _fused_config(pick))
         if need_a:
-            da = (da_acc[:r] * scale).to(a.dtype)
+            da = (fixed_order_sum(da_parts)[:r] * scale).to(a.dtype)
     if need_w:
         dw = torch.mm(dy.t(), x)
     return dx, dw, da, db, dbias

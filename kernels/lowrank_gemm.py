@@ -1,12 +1,12 @@
-"""A GEMM with a low-rank term in its epilogue: ``C = P @ Q + scale * lo @ rt (* dropout
-keep-mask / (1 - p)) + bias``, written once. The "fused" scheme of LoRA's base GEMMs
+"""A GEMM with a low-rank term: ``C = P @ Q + scale * lo @ rt (* dropout keep-mask /
+(1 - p)) + bias``, written once. The "fused" scheme of LoRA's base GEMMs
 (``lora_triton.py``): the forward's ``y = x @ W.T + scale * xa @ B.T + bias`` and the
 backward's ``dx = dy @ W + scale * (dyB @ A) * mask / (1 - p)``.
 
 ``_gemm_lowrank_kernel`` loads its tiles through pointers; ``_gemm_lowrank_tma_kernel``
-through TMA descriptors, when the tensors are aligned for them. Either adds the rank-r
-term as one more MMA into its accumulator before the single store of C (the dropout mask
-regenerated in its epilogue): two full passes over C fewer than cuBLAS adding the base onto
+through TMA descriptors, when the tensors are aligned for them. Either starts its
+accumulator from the rank-r term (one more small MMA, the dropout mask regenerated
+beside it) and stores C once: two full passes over C fewer than cuBLAS adding the base onto
 a pre-written term (the pre-write and its read-back, in each direction), if the Triton GEMM
 keeps up with cuBLAS. Whether it does is measured per shape class by benchmarks/tune.py,
 outside any step, and read from the device's table (:func:`pick_gemm`).
@@ -16,16 +16,21 @@ from __future__ import annotations
 import torch
 
 from . import configs
-from .triton_base import cast, dot, dot_block, dot_mode, dropout_keep, tl, triton
+from .triton_base import cast, dot, dot_block, dot_mode, dropout_bits, keep_from_bits, tl, triton
 
 # Base GEMM + rank-r term: "fused" (one Triton GEMM writes y / dx with the term in its
-# epilogue; "fused-tma" with TMA loads) or "cublas" (a Triton kernel pre-writes the term,
+# accumulator; "fused-tma" with TMA loads) or "cublas" (a Triton kernel pre-writes the term,
 # cuBLAS adds the base with beta=1). None: the device table's choice (pick_gemm). Tests and
 # benchmarks force one here, as shorthand for configs.forced({"lora.gemm": CONFIGS[0]}).
 GEMM: str | None = None
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, TMA loads): the fused candidates of lora.gemm
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, TMA loads): the fused candidates of lora.gemm.
+# No bf16 launch of these spills registers (ptxas -v, sm_90a, triton 3.6 and 3.9; ranks
+# 8-64, with and without dropout). Dropped: (128, 128, 64, 4, 4, False), whose 128
+# accumulator floats per thread on 4 warps left too few registers for dropout at rank 64
+# (8-12 B spilled; slicing the rank did not cure it under triton 3.6); (128, 128, 64, 8, 4,
+# False) is the same tile on 8 warps.
 CONFIGS = ((128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, False), (128, 128, 64, 8, 4, False),
-           (128, 128, 64, 4, 4, False), (128, 256, 64, 8, 3, True), (128, 128, 64, 8, 4, True))
+           (128, 256, 64, 8, 3, True), (128, 128, 64, 8, 4, True))
 
 
 @triton.jit
@@ -40,31 +45,44 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
 
 
 @triton.jit
-def _lowrank_epilogue(acc, pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr,
-                      stride_cm, M, N, R, scale, seed, p, inv_keep,
-                      HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc + scale * lo @ rt (* keep-mask / (1 - p)) + bias, stored once into C. Without
-    dropout the low-rank product is one more MMA into acc; with it, a product of its own,
-    masked (the mask acts on the adapter path only)."""
+def _lowrank_term(pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, M, N, R, scale, seed, p, inv_keep,
+                  dtype: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The tile's scale * lo @ rt (* keep-mask / (1 - p)) in float32 [BLOCK_M, BLOCK_N]
+    (operands in C's dtype, dtype): the initial accumulator of the main loop.
+
+    Registers (ptxas, sm_90a, bf16; 128x256 tiles on 8 warps hold 128 accumulator floats
+    per thread): applied in the epilogue, the masked product lived beside the accumulator
+    with Philox's temporaries and spilled 0.8-1.6 KB (issue 16). Here nothing else is live:
+    the mask is drawn first and held packed (4 elements a register) while lo / rt load and
+    multiply; no config of CONFIGS spills at ranks 8-64 with or without dropout."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_DROPOUT:
+        keep = dropout_bits(seed, p, rows, pid_n * BLOCK_N, BLOCK_N)
+        scale = scale * inv_keep
+        # Philox's temporaries die here; the barrier keeps the compiler from hoisting the
+        # loads below above them, where they would live beside them.
+        tl.debug_barrier()
     rm = (rows % M).to(tl.int64)  # rows / columns past the end read in-range data, never stored
-    rn = (cols % N).to(tl.int64)
-    dtype = c_ptr.dtype.element_ty
+    rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
     rr = tl.arange(0, BLOCK_R)
     lo = tl.load(lo_ptr + rm[:, None] * stride_lm + rr[None, :], mask=(rr < R)[None, :], other=0.0).to(tl.float32)
-    rt = cast(tl.load(rt_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=(rr < R)[:, None], other=0.0),
-              dtype, PREC)
+    rt = tl.load(rt_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=(rr < R)[:, None], other=0.0)
+    low = dot(cast(lo * scale, dtype, PREC), cast(rt, dtype, PREC), None, PREC)
     if HAS_DROPOUT:
-        low = dot(cast(lo, dtype, PREC), rt, None, PREC)
-        keep = dropout_keep(seed, p, rows, pid_n * BLOCK_N, N, BLOCK_N)
-        acc += tl.where(keep, low * (scale * inv_keep), 0.0)
-    else:
-        acc = dot(cast(lo * scale, dtype, PREC), rt, acc, PREC)
+        low = tl.where(keep_from_bits(keep, BLOCK_N), low, 0.0)
+    return low
+
+
+@triton.jit
+def _store_tile(acc, pid_m, pid_n, bias_ptr, c_ptr, stride_cm, M, N, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """C[tile] = acc + bias, rounded once to C's dtype."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], cast(acc, dtype, PREC),
+        acc += tl.load(bias_ptr + cols % N).to(tl.float32)[None, :]
+    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], cast(acc, c_ptr.dtype.element_ty, PREC),
              mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
@@ -82,6 +100,8 @@ def _gemm_lowrank_kernel(p_ptr, stride_pm, stride_pk, q_ptr, stride_qk, stride_q
     pass over C: the forward's y and the backward's dx are written once instead of
     pre-written and read back by cuBLAS."""
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _lowrank_term(pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, M, N, R, scale, seed, p,
+                        inv_keep, c_ptr.dtype.element_ty, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
     # Out-of-range rows / columns load in-range data (wrapped) and are never stored: only K
     # needs a mask in the loop.
     rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
@@ -89,7 +109,6 @@ def _gemm_lowrank_kernel(p_ptr, stride_pm, stride_pk, q_ptr, stride_qk, stride_q
     rk = tl.arange(0, BLOCK_K)
     p_ptrs = p_ptr + rm[:, None] * stride_pm + rk[None, :] * stride_pk
     q_ptrs = q_ptr + rk[:, None] * stride_qk + rn[None, :] * stride_qn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(p_ptrs)
@@ -100,8 +119,7 @@ def _gemm_lowrank_kernel(p_ptr, stride_pm, stride_pk, q_ptr, stride_qk, stride_q
         acc = dot(a, b, acc, PREC)
         p_ptrs += BLOCK_K * stride_pk
         q_ptrs += BLOCK_K * stride_qk
-    _lowrank_epilogue(acc, pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr, stride_cm,
-                      M, N, R, scale, seed, p, inv_keep, HAS_BIAS, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
+    _store_tile(acc, pid_m, pid_n, bias_ptr, c_ptr, stride_cm, M, N, HAS_BIAS, PREC, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -115,7 +133,8 @@ def _gemm_lowrank_tma_kernel(p_desc, q_desc, lo_ptr, stride_lm, rt_ptr, stride_r
     descriptor is over Q.T ([N, K] in memory, as W in the forward), its tiles transposed
     for the MMA."""
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _lowrank_term(pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, M, N, R, scale, seed, p,
+                        inv_keep, c_ptr.dtype.element_ty, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
     for k0 in range(0, K, BLOCK_K):
         a = p_desc.load([pid_m * BLOCK_M, k0])
         if Q_ROWS_N:
@@ -123,8 +142,7 @@ def _gemm_lowrank_tma_kernel(p_desc, q_desc, lo_ptr, stride_lm, rt_ptr, stride_r
         else:
             b = q_desc.load([k0, pid_n * BLOCK_N])
         acc = dot(a, b, acc, PREC)
-    _lowrank_epilogue(acc, pid_m, pid_n, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr, stride_cm,
-                      M, N, R, scale, seed, p, inv_keep, HAS_BIAS, HAS_DROPOUT, PREC, BLOCK_M, BLOCK_N, BLOCK_R)
+    _store_tile(acc, pid_m, pid_n, bias_ptr, c_ptr, stride_cm, M, N, HAS_BIAS, PREC, BLOCK_M, BLOCK_N)
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:

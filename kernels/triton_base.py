@@ -7,8 +7,10 @@ imports and the torch backends run), whether kernels run under the interpreter, 
 that tests use to catch unwritten elements, and the unit-last-stride rule.
 
 Device side (``@triton.jit`` helpers, inlined by the compiler): tanh, ``dot`` / ``cast``
-with their interpreter workarounds, the Philox dropout keep-mask, and the attention scores
-and online-softmax step that varlen and paged attention both run.
+with their interpreter workarounds, the Philox dropout keep-mask and its application, the
+range of a split loop and a masked row tile, and the attention scores and online-softmax
+step that varlen and paged attention both run. Host side also: the fixed-order sum of
+per-split partials that keeps split reductions deterministic.
 """
 from __future__ import annotations
 
@@ -85,6 +87,16 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def fixed_order_sum(parts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """parts [splits, ...] (float32 partial sums, one slice per split of a reduction)
+    summed over the split dimension by torch's reduction, whose order is fixed by the shape
+    (no atomics): the same bits on every run, where float atomics would add in arrival
+    order. One split is returned as it is (a view) unless ``out`` is given."""
+    if parts.shape[0] == 1 and out is None:
+        return parts[0]
+    return torch.sum(parts, 0, out=out)
+
+
 # ---------------------------------------------------------------------------------------
 # device side
 
@@ -120,14 +132,60 @@ def cast(x, dtype: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, p, rows, k0, n_cols, BLOCK_K: tl.constexpr):
+def dropout_keep(seed, p, rows, k0, BLOCK_K: tl.constexpr):
     """Dropout keep-mask of the tile rows x [k0, k0 + BLOCK_K) (k0 a multiple of 4): element
-    (row, col) keeps when u >= p, u the (col % 4)-th of the four uniforms Philox draws for
-    counter row * cdiv(n_cols, 4) + col // 4 (one Philox call per 4 elements; int64 counters)."""
-    quads = rows.to(tl.int64)[:, None] * ((n_cols + 3) // 4) + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, quads)
-    r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-    return (r >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p  # 24-bit uniforms in [0, 1)
+    (row, col) keeps when u >= p, u the (col % 4)-th of the four 24-bit uniforms that
+    Philox-4x32-10 draws for the counter (col // 4, row, 0, 0): one call per 4 elements,
+    32-bit counter words (rows and column quads below 2^32), no 64-bit index arithmetic."""
+    return keep_from_bits(dropout_bits(seed, p, rows, k0, BLOCK_K), BLOCK_K)
+
+
+@triton.jit
+def dropout_bits(seed, p, rows, k0, BLOCK_K: tl.constexpr):
+    """The keep-mask of :func:`dropout_keep` packed: int32 [rows, BLOCK_K // 4], bit j of
+    quad q keeping column k0 + 4q + j. One register per four mask elements: a kernel that
+    draws the mask early holds this, and expands it (:func:`keep_from_bits`) where used."""
+    quads = (k0 // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)[None, :]
+    row = rows.to(tl.uint32)[:, None]
+    zero = quads * row * 0
+    r0, r1, r2, r3 = tl.philox(seed, quads + zero, row + zero, zero, zero)
+    return _keep_bit(r0, p) | (_keep_bit(r1, p) << 1) | (_keep_bit(r2, p) << 2) | (_keep_bit(r3, p) << 3)
+
+
+@triton.jit
+def keep_from_bits(bits, BLOCK_K: tl.constexpr):
+    """bool [rows, BLOCK_K] from :func:`dropout_bits`: interleaving copies each quad's
+    register to its four columns, where each picks its own bit."""
+    spread = tl.interleave(tl.interleave(bits, bits), tl.interleave(bits, bits))
+    return ((spread >> (tl.arange(0, BLOCK_K) % 4)[None, :]) & 1) != 0
+
+
+@triton.jit
+def _keep_bit(r, p):
+    """1 where the 24-bit uniform of the Philox output r is >= p (kept), else 0 (int32)."""
+    return ((r >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p).to(tl.int32)
+
+
+@triton.jit
+def dropout_apply(x, keep, inv_keep, PREC: tl.constexpr):
+    """x * keep / (1 - p) (inv_keep = 1 / (1 - p)) in x's dtype."""
+    return cast(tl.where(keep, x.to(tl.float32) * inv_keep, 0.0), x.dtype, PREC)
+
+
+@triton.jit
+def split_range(per_split, total, AXIS: tl.constexpr):
+    """[start, end) of this program's split (grid axis AXIS) of a loop over ``total`` elements."""
+    start = tl.program_id(AXIS) * per_split
+    return start, tl.minimum(start + per_split, total)
+
+
+@triton.jit
+def row_tile(row_ptrs, row_ok, c0, end, BLOCK: tl.constexpr):
+    """Columns c0 + [0, BLOCK) of a block of rows (row_ptrs [rows, 1]): (the columns, the
+    mask of those < end, the tile, zero outside)."""
+    cols = c0 + tl.arange(0, BLOCK)
+    ok = cols < end
+    return cols, ok, tl.load(row_ptrs + cols[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
 
 
 @triton.jit

@@ -72,9 +72,11 @@ def test_lora_linear_matches_float64(r, lead, bias, train_weight, impl):
     _check_all(x, w, a, b, bias, y, _reference64(x, w, a, b, bias, 0.7), grad_tol=(1e-4, 1e-5))
 
 
-def test_triton_small_tiles_and_splits(monkeypatch):
-    """Several row / column tiles and split reductions (float32 atomics) per output."""
-    monkeypatch.setattr(lora_triton, "TEST_BLOCKS", dict(n=16, k=16, o=16, splits=3))
+@pytest.mark.parametrize("splits", [3, 2])  # 2: the dy pass's first row split holds two row blocks
+def test_triton_small_tiles_and_splits(monkeypatch, splits):
+    """Several row / column tiles and split reductions (per-split partials summed in a fixed
+    order) per output."""
+    monkeypatch.setattr(lora_triton, "TEST_BLOCKS", dict(n=16, k=16, o=16, splits=splits))
     x, w, a, b, bias = _lora_inputs(7, train_weight=True, seed=1)
     y = lora_linear(x, w, a, b, -1.3, bias=bias, impl="triton")
     _check_all(x, w, a, b, bias, y, _reference64(x, w, a, b, bias, -1.3), grad_tol=(1e-4, 1e-5))
@@ -146,6 +148,7 @@ def test_low_precision_within_twice_torch_error(dtype, lora_dtype):
     ("fused", 7, True, 0.0, torch.float32, None, (IN, OUT)),
     ("fused", 40, False, 0.0, torch.float32, None, (IN, OUT)),  # rank padded to 64, dyB from cuBLAS
     ("fused", 6, True, 0.3, torch.float32, dict(n=16, k=16, o=16, splits=2), (IN, OUT)),  # dropout, many tiles
+    ("fused", 40, False, 0.3, torch.float32, None, (IN, OUT)),  # dropout at padded rank 64
     ("fused", 16, True, 0.0, torch.bfloat16, None, (IN, OUT)),
     # TMA loads: 16-byte aligned rows; K not a multiple of the tile (zero-filled reads)
     ("fused-tma", 5, True, 0.2, torch.float32, dict(n=16, k=16, o=16, splits=2), (52, 72)),
