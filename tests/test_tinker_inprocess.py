@@ -314,6 +314,12 @@ def test_service_client_shares_the_base_and_finds_the_base_of_saved_paths(ckpt, 
         assert model.max_context_length > 0
         a = service.create_lora_training_client(NAME, rank=4)  # used as the client
         b = asyncio.run(service.create_lora_training_client_async(base_model=NAME, rank=2, seed=3, train_mlp=False))
+        same = service.create_lora_training_client(NAME, rank=2, seed=3, train_mlp=False).result()
+        unseeded = service.create_lora_training_client(NAME, rank=2, train_mlp=False).result()  # seed 0
+
+        def adapter(tm):
+            return torch.cat([p.detach().flatten() for _, p in tm._trainer.params])
+        assert torch.equal(adapter(same), adapter(b)) and not torch.equal(adapter(unseeded), adapter(b))
         info = a.get_info()
         assert (info.model_name, info.model_data.model_name, info.lora_rank) == (NAME, NAME, 4)
         assert info.model_data.tokenizer_id == str(ckpt) and info.lora["target_modules"] == [
