@@ -131,7 +131,8 @@ class Service:
         return run
 
     def _spawn(self, run: Run, lora: dict) -> TrainingModel:
-        targets = lora_targets(lora.get("train_mlp", True), lora.get("train_attn", True), lora.get("train_unembed", True))
+        targets = lora_targets(lora.get("train_mlp", True), lora.get("train_attn", True),
+                               lora.get("train_unembed", True))
         rank = lora.get("rank")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"lora_config.rank must be a positive int, got {rank!r}")
