@@ -19,7 +19,8 @@ from .trainer import Trainer, custom_step, enable_activation_checkpointing
 def _setup(ctx, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size):
     model = load_tp_model(path, ctx.group, dtype=dtype, device=ctx.device)
     if adapter is not None:
-        add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"])
+        add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"],
+                 seed=adapter["seed"])
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     return Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None)
