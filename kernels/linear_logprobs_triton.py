@@ -142,10 +142,16 @@ def chunk_rows(n: int, v: int, h: int, itemsize: int) -> int:
     return max(1, min(n, rows))
 
 
-def _block_v(v: int) -> int:
-    if interpreting():
-        return min(256, triton.next_power_of_2(v))
-    return min(4096, triton.next_power_of_2(v))
+def tile_config(kind: str, v: int) -> dict:
+    """BLOCK_V and num_warps of the statistics ("stats") and gradient ("grad") kernels over
+    a vocabulary (shard) of ``v``. Interpreter: 256-wide tiles, so tests cross tile edges.
+    GPU: "grad" writes one 4096-wide tile per program and keeps nothing; "stats" streams a
+    row in 2048-wide steps with up to five per-lane float32 accumulators (8 elements a
+    thread each at 8 warps): at most 73 registers in every variant (sm_90, triton 3.6/3.9;
+    at 4096 wide they took up to 128 and spilled 8 B in float32), so 3 to 6 blocks share
+    an SM instead of 2 (benchmarks/NOTES.md)."""
+    width = 256 if interpreting() else {"stats": 2048, "grad": 4096}[kind]
+    return dict(BLOCK_V=min(width, triton.next_power_of_2(v)), num_warps=8)
 
 
 class _Problem:
@@ -162,7 +168,7 @@ class _Problem:
         self.rows = chunk_rows(self.n, self.v, x.shape[1], x.element_size())
         self.inv_temp = 1.0 / opts.temperature
         self.softcap = float(opts.softcap) if opts.softcap is not None else 1.0
-        self.block_v = _block_v(self.v)
+        self.stats_tile, self.grad_tile = tile_config("stats", self.v), tile_config("grad", self.v)
         self._buf = None
 
     def chunks(self):
@@ -191,8 +197,8 @@ class _Problem:
         bias = self.bias if self.bias is not None else z
         _stats_kernel[(c,)](z, z.stride(0), bias, self.targets[start:end], self.v, self.vocab_start,
                             self.inv_temp, self.softcap, row_max, sumexp, pick, ssum, psum,
-                            WANT_SUM=opts.want_sum, WANT_PSUM=opts.want_entropy, BLOCK_V=self.block_v,
-                            num_warps=8, **self._flags())
+                            WANT_SUM=opts.want_sum, WANT_PSUM=opts.want_entropy, **self.stats_tile,
+                            **self._flags())
         group = opts.process_group
         if group is not None:
             local_max = row_max.clone()
@@ -217,11 +223,10 @@ class _Problem:
     def grad_logits(self, z, start, end, lse, a, k, c=None, d=None):
         """Overwrite z with dL/dz from per-row coefficients (see _grad_kernel)."""
         bias = self.bias if self.bias is not None else z
-        grid = (end - start, triton.cdiv(self.v, self.block_v))
+        grid = (end - start, triton.cdiv(self.v, self.grad_tile["BLOCK_V"]))
         _grad_kernel[grid](z, z.stride(0), bias, self.targets[start:end], self.v, self.vocab_start, self.inv_temp,
                            self.softcap, lse, a, k, c if c is not None else a, d if d is not None else a,
-                           HAS_ENTROPY=c is not None, HAS_SUM=d is not None, BLOCK_V=self.block_v, num_warps=8,
-                           **self._flags())
+                           HAS_ENTROPY=c is not None, HAS_SUM=d is not None, **self.grad_tile, **self._flags())
 
     def new_grads(self, need_x, need_w, need_b):
         w_dtype = torch.float32 if self.opts.fp32_weight_grad else self.weight.dtype
