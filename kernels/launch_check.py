@@ -19,7 +19,8 @@ two things changed and nothing else:
 
 Then ``ptxas -v`` (the wheel's, through the backend's own ``make_cubin``: same arch,
 sm_90a where Triton uses it, same options) reports each distinct compiled kernel's
-registers and spills. Families run in a pool of ``--jobs`` processes (2 by default). One table row per kernel:
+registers and spills (kept in Triton's cache beside the kernel). Families run in a pool
+of ``--jobs`` processes (2 by default). One table row per kernel:
 family, kernel, dtype, config (warps, stages, tile constexprs and set flags), shared bytes
 (Triton's ``metadata.shared``), registers, spill bytes (stores + loads), wgmma (in the
 PTX). Exit status 1 when a compile fails, or when a bf16/fp16 kernel (one with a bf16 or
@@ -38,6 +39,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import io
+import json
 import multiprocessing
 import os
 import re
@@ -116,8 +118,10 @@ class Recorder:
                 cause = e
                 while cause.__cause__ is not None:
                     cause = cause.__cause__
-                recorder.rows.append(Row(recorder.family, fn.fn.__name__, "?", _options_text(kwargs),
-                                         error=f"{type(cause).__name__}: {str(cause)[-600:]}"))
+                row = Row(recorder.family, fn.fn.__name__, "?", _options_text(kwargs),
+                          error=f"{type(cause).__name__}: {str(cause)[-600:]}")
+                if row not in recorder.rows:  # each launch of a failing kernel compiles it again
+                    recorder.rows.append(row)
                 return None
             recorder.add(fn.fn.__name__, kernel)
             return kernel
@@ -173,10 +177,13 @@ def ptxas_resources(ptx: str, options: dict) -> tuple[int, int]:
     backend = make_backend(target)
     fields = {f.name for f in dataclasses.fields(backend.parse_options({}))}
     opt = backend.parse_options({k: v for k, v in options.items() if k in fields})
-    knobs.nvidia.dump_ptxas_log = True
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        backend.make_cubin(ptx, {}, opt, target.arch)
+    log, dump = io.StringIO(), knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True  # make_cubin prints ptxas's -v log
+    try:
+        with contextlib.redirect_stdout(log):
+            backend.make_cubin(ptx, {}, opt, target.arch)
+    finally:
+        knobs.nvidia.dump_ptxas_log = dump
     text = log.getvalue()
     used, spill = _PTXAS_USED.search(text), _PTXAS_SPILL.search(text)
     if used is None or spill is None:
@@ -194,15 +201,29 @@ def check_family(family: str) -> tuple[list[Row], list[str]]:
     check_gpu_branches()
     recorder.family = family
     notes = launch_targets.FAMILIES[family]()
-    for row, kernel in recorder.kernels.values():
-        md = kernel.metadata
-        options = md._asdict() if hasattr(md, "_asdict") else dict(md.__dict__)
+    for key, (row, kernel) in recorder.kernels.items():
         try:
-            row.registers, row.spill = ptxas_resources(
-                kernel.asm["ptx"], {k: v for k, v in options.items() if isinstance(v, (bool, int, str))})
+            row.registers, row.spill = cached_resources(key, kernel)
         except Exception as e:  # noqa: BLE001 - a failed ptxas fails the check
             row.error = f"ptxas: {type(e).__name__}: {str(e)[-600:]}"
     return recorder.rows, notes
+
+
+def cached_resources(key: str, kernel) -> tuple[int, int]:
+    """ptxas_resources of a compiled kernel, kept beside it in Triton's cache (its hash
+    covers the source, the options and the ptxas version)."""
+    from triton.runtime.cache import get_cache_manager
+
+    cache, name = get_cache_manager(key), "launch_check_ptxas.json"
+    path = cache.get_file(name)
+    if path is not None:
+        with open(path) as f:
+            return tuple(json.load(f))
+    md = kernel.metadata
+    options = md._asdict() if hasattr(md, "_asdict") else dict(md.__dict__)
+    found = ptxas_resources(kernel.asm["ptx"], {k: v for k, v in options.items() if isinstance(v, (bool, int, str))})
+    cache.put(json.dumps(found), name, binary=False)
+    return found
 
 
 def check_gpu_branches() -> None:

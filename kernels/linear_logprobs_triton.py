@@ -147,9 +147,9 @@ def tile_config(kind: str, v: int) -> dict:
     a vocabulary (shard) of ``v``. Interpreter: 256-wide tiles, so tests cross tile edges.
     GPU: "grad" writes one 4096-wide tile per program and keeps nothing; "stats" streams a
     row in 2048-wide steps with up to five per-lane float32 accumulators (8 elements a
-    thread each at 8 warps): at most 73 registers in every variant (sm_90, triton 3.6/3.9;
+    thread each at 8 warps): at most 79 registers in every variant (sm_90, triton 3.6/3.9;
     at 4096 wide they took up to 128 and spilled 8 B in float32), so 3 to 6 blocks share
-    an SM instead of 2 (benchmarks/NOTES.md)."""
+    an SM instead of 2 or 3 (benchmarks/NOTES.md)."""
     width = 256 if interpreting() else {"stats": 2048, "grad": 4096}[kind]
     return dict(BLOCK_V=min(width, triton.next_power_of_2(v)), num_warps=8)
 
