@@ -243,9 +243,10 @@ def format_table(rows: list[Row]) -> str:
     head = ("family", "kernel", "dtype", "config", "shared B", "regs", "spill B", "wgmma", "verdict")
     body = []
     for r in rows:
-        verdict = "; ".join(r.problems()) or ("fp32 spill ok" if r.spill else "ok")
+        problems = r.problems()
+        verdict = "FAIL: " + "; ".join(problems) if problems else "fp32 spill ok" if r.spill else "ok"
         body.append((r.family, r.kernel, r.dtype, r.config, str(r.shared), str(r.registers), str(r.spill),
-                     "yes" if r.wgmma else "no", verdict if not r.error else "FAIL " + verdict))
+                     "yes" if r.wgmma else "no", verdict))
     widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line[:-1], widths)) + "  " + line[-1] for line in [head] + body]
     return "\n".join(lines)

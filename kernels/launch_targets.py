@@ -9,14 +9,14 @@ tensors where a real size would cost host matmuls (LoRA); sizes the kernels neve
 cut down. How each target is reached:
 
 * cross_entropy: N 16384, H 2048/4096, V 128256/151936. The kernels see V (the row stride,
-  the vocab, BLOCK_V = 4096 for both), vocab_start and row slices of [N] vectors; N and H
-  only set the grid and the chunk starts (multiples of 64 rows, so slices stay 16-byte
-  aligned). Run with N = 64, H = 16 and the real V, bf16 and fp32, forward and backward:
-  plain, entropy, softcap, bias, all three, label smoothing (the sum), and with softcap
-  and bias.
+  the vocab, BLOCK_V 2048 / 4096 for both), vocab_start and row slices of [N] vectors; N
+  and H only set the grid and the chunk starts (multiples of 64 rows, so slices stay
+  16-byte aligned). Run with N = 64, H = 16 and the real V, bf16 and fp32, forward and
+  backward: plain, entropy, softcap, bias, all three, label smoothing (the sum), label
+  smoothing with softcap and bias, and a token loss of every statistic.
 * attention: 32768 packed tokens in 4 sequences, Hq 32, Hkv 8, d 64 and 128: causal plain,
-  with window 4096, with softcap 50, and not causal; bf16 forward and backward, and fp32
-  (d 128, causal).
+  with window 4096, with softcap 50, and not causal; bf16 forward and backward, fp32 (d
+  128, causal), and 32749 tokens (a count not divisible by 16: another specialisation).
   Real sizes (empty tensors: their pages are never touched).
 * paged_attention: contexts to 131072 in blocks of 16 with the block table the CUDA graphs
   use ([128, 8192] static, sliced to the batch), batch 1, 32 and 128 (split-K with the
@@ -24,11 +24,13 @@ cut down. How each target is reached:
   splits), window 4096 with softcap 50 at batch 32, d 64 and 128, bf16, fp32 at d 128;
   and append_kv. The cache holds 64 blocks: its strides do not depend on the count.
 * lora (meta tensors): x 8192 x 4096 into 4096 and 14336, ranks 8, 16, 32, 64, dropout 0
-  and 0.1, forward and backward (its dy pass included), bf16, and fp32 at rank 16; the
-  fused GEMM in every config of lowrank_gemm.CONFIGS with and without dropout at rank 16;
-  lora_linear_multi decode (1, 8 and 32 rows: one-token row blocks) and prefill (2048
-  rows). Off a CUDA device lora_triton splits its loops for 4 programs, not 2 per SM: the
-  split lengths stay multiples of the tile (divisible by 16), so the specialisation holds.
+  and 0.1, forward and backward (its dy pass included), bf16, and fp32 at rank 16; 8191
+  rows (not divisible by 16) at rank 16; the fused GEMM in every config of
+  lowrank_gemm.CONFIGS with and without dropout at rank 16; lora_linear_multi decode (1, 8 and 32 rows: one-token row blocks) and prefill (2048
+  rows). Meta tensors have address 0, 16-byte aligned as every GPU allocation is. Off a
+  CUDA device lora_triton splits its loops for 4 programs, not 2 per SM: the split lengths
+  stay multiples of the tile (divisible by 16), so the specialisation holds; and
+  lowrank_gemm picks cuBLAS without timing, so each fused config is forced in turn.
 * fused_ops: rms_norm at hidden 2048, 4096, 5120, 8192 with and without the residual;
   rope of 32 query and 8 key heads of a packed qkv at d 64 and 128, with and without the
   q/k norm; silu_mul at intermediate 8192 and 14336; bf16, fp16 and fp32.
@@ -92,20 +94,21 @@ def cross_entropy() -> list[str]:
 def attention() -> list[str]:
     notes = []
     tokens, hq, hkv = 32768, 32, 8
-    cu = torch.tensor([0, 4096, 12288, 20480, tokens], dtype=torch.int32)
-    cases = [(torch.bfloat16, d, True, w, s) for d in (64, 128)
+    cases = [(torch.bfloat16, d, True, w, s, tokens) for d in (64, 128)
              for w, s in ((None, None), (WINDOW, None), (None, SOFTCAP))]
-    cases += [(torch.bfloat16, d, False, None, None) for d in (64, 128)] + [(torch.float32, 128, True, None, None)]
-    for dtype, d, causal, window, softcap in cases:
-        q = torch.empty(tokens, hq, d, dtype=dtype, requires_grad=True)
-        k = torch.empty(tokens, hkv, d, dtype=dtype, requires_grad=True)
-        v = torch.empty(tokens, hkv, d, dtype=dtype, requires_grad=True)
+    cases += [(torch.bfloat16, d, False, None, None, tokens) for d in (64, 128)]
+    cases += [(torch.float32, 128, True, None, None, tokens), (torch.bfloat16, 128, True, None, None, tokens - 19)]
+    for dtype, d, causal, window, softcap, total in cases:
+        cu = torch.tensor([0, 4096, 12288, 20480, total], dtype=torch.int32)
+        q = torch.empty(total, hq, d, dtype=dtype, requires_grad=True)
+        k = torch.empty(total, hkv, d, dtype=dtype, requires_grad=True)
+        v = torch.empty(total, hkv, d, dtype=dtype, requires_grad=True)
 
-        def run(q=q, k=k, v=v, causal=causal, window=window, softcap=softcap):
+        def run(q=q, k=k, v=v, cu=cu, causal=causal, window=window, softcap=softcap):
             out = varlen_attention(q, k, v, cu, cu, 8192, 8192, causal=causal, window=window, softcap=softcap,
                                    impl="triton")
             out.backward(torch.empty_like(out))
-        notes += attempt(f"varlen {dtype} d={d} causal={causal} window={window} softcap={softcap}", run)
+        notes += attempt(f"varlen {dtype} d={d} causal={causal} window={window} softcap={softcap} T={total}", run)
     return notes
 
 
@@ -131,9 +134,9 @@ def paged() -> list[str]:
     return notes
 
 
-def _lora_step(dtype, rank, out_features, dropout, bias=False) -> None:
+def _lora_step(dtype, rank, out_features, dropout, bias=False, rows=8192) -> None:
     meta = dict(dtype=dtype, device="meta")
-    x = torch.empty(8192, 4096, requires_grad=True, **meta)
+    x = torch.empty(rows, 4096, requires_grad=True, **meta)
     a = torch.empty(rank, 4096, requires_grad=True, **meta)
     b = torch.empty(out_features, rank, requires_grad=True, **meta)
     y = lora_linear(x, torch.empty(out_features, 4096, **meta), a, b, 2.0,
@@ -149,6 +152,7 @@ def lora() -> list[str]:
                 for dropout in (0.0, 0.1):
                     notes += attempt(f"lora {dtype} r={rank} out={out_features} p={dropout}",
                                      lambda: _lora_step(dtype, rank, out_features, dropout))
+    notes += attempt("lora 8191 rows", lambda: _lora_step(torch.bfloat16, 16, 14336, 0.0, rows=8191))
     configs, scheme = lowrank_gemm.CONFIGS, lowrank_gemm.GEMM
     try:
         for config in configs:

@@ -13,5 +13,6 @@ def test_launch_check():
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run([sys.executable, "-m", "kernels.launch_check"], cwd=root, env=env, capture_output=True,
                           text=True, timeout=900)
-    print(proc.stdout)  # the table: shown with -s, and on failure
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    print(proc.stdout)  # the table: shown with -s, and on failure (pytest's captured stdout)
+    failing = [line for line in proc.stdout.splitlines() if "FAIL: " in line]
+    assert proc.returncode == 0, "\n".join(failing + proc.stdout.splitlines()[-1:]) + "\n" + proc.stderr[-3000:]
