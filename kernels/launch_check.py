@@ -83,6 +83,9 @@ class Row:
         return found
 
 
+_TRITON_RUN = None  # Triton's own JITFunction.run, kept when the Recorder replaces it
+
+
 class Recorder:
     """Turns every launch into a compile for sm_90 and records each distinct kernel."""
 
@@ -96,7 +99,10 @@ class Recorder:
         self.family = ""
         self.rows: list[Row] = []
         self.kernels: dict[str, tuple[Row, object]] = {}  # kernel hash -> (row, CompiledKernel)
-        recorder, target, triton_run = self, self.target, JITFunction.run
+        global _TRITON_RUN
+        if _TRITON_RUN is None:  # a worker process may check several families, one Recorder each
+            _TRITON_RUN = JITFunction.run
+        recorder, target, triton_run = self, self.target, _TRITON_RUN
 
         class StandInDriver:  # what JITFunction.run asks of the driver before it compiles
             def get_current_device(self):
@@ -268,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     start = time.perf_counter()
-    results = {}
     if args.jobs <= 1:
         results = {family: check_family(family) for family in families}
     else:  # the costliest families first, so that the pool ends together
