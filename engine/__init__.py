@@ -1,8 +1,10 @@
 """A kernel-level engine to train and sample Llama/Qwen-family models."""
 __version__ = "0.1.0"
 
-_API = ("AdamParams", "Datum", "ForwardBackwardOutput", "Future", "ModelBuilder", "ModelInput", "OptimStepOutput",
-        "TrainingModel", "model", "register_model")
+_API = ("AdamParams", "ClientFuture", "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "Future",
+        "GetInfoResponse", "ModelBuilder", "ModelData", "ModelInput", "OptimStepOutput", "OptimStepResponse",
+        "SamplingClient", "SaveWeightsForSamplerResponse", "SaveWeightsResponse", "TensorData", "TrainingModel",
+        "model", "register_model")
 _INFER = ("InferenceModel", "SampleResponse", "SampledSequence", "SamplingParams")
 
 
@@ -16,6 +18,10 @@ def __getattr__(name):
         from . import infer
 
         return getattr(infer, name)
+    if name == "types":  # ``from engine import types`` in place of ``from tinker import types``
+        from .api import types
+
+        return types
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 

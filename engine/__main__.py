@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {demo,inspect} ...``."""
+"""Command line: ``python -m engine {demo,inspect,serve} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,30 @@ def _inspect(path: str) -> None:
 
 
 
+def _serve(args) -> None:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise ValueError(f"serve needs the optional extra: pip install 'engine[serve]' ({e})") from None
+    models: dict[str, Path] = {}
+    for spec in args.model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--model {spec!r} must be NAME=PATH (e.g. Qwen/Qwen3-0.6B=/ckpt/Qwen3-0.6B)")
+        if name in models:
+            raise ValueError(f"--model {name!r} is given twice")
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"--model {spec!r}: {path!r} is not a checkpoint folder with a config.json")
+        models[name] = Path(path)
+    for option in ("port", "max_batch_size", "tp"):
+        value = getattr(args, option)
+        if value < (0 if option == "port" else 1):
+            raise ValueError(f"--{option.replace('_', '-')} must be {'>= 0' if option == 'port' else 'positive'}, "
+                             f"got {value}")
+    serve(models, host=args.host, port=args.port, checkpoint_dir=args.checkpoint_dir, api_key=args.api_key,
+          max_batch_size=args.max_batch_size, tp=args.tp)
+
+
 def _size(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024 or unit == "GiB":
@@ -62,12 +86,26 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default=None, help="folder for the PEFT adapter (default: a temporary folder)")
     insp = sub.add_parser("inspect", help="print a checkpoint's architecture, parameter count and memory per dtype")
     insp.add_argument("path", help="a local Hugging Face checkpoint folder")
+    srv = sub.add_parser("serve", help="serve models over Tinker's HTTP protocol for the tinker SDK "
+                                       "(needs pip install 'engine[serve]')")
+    srv.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                     help="a base model: NAME is what clients pass as base_model, PATH a local HF folder (repeatable)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    srv.add_argument("--checkpoint-dir", default="checkpoints",
+                     help="where tinker:// checkpoints live (default ./checkpoints)")
+    srv.add_argument("--api-key", default=None, help="require this key (X-API-Key); others get 401")
+    srv.add_argument("--max-batch-size", type=int, default=8192, metavar="TOKENS",
+                     help="tokens per training micro-batch and per sampling step (default 8192)")
+    srv.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of every model (default 1)")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             from .demo import run
 
             run(args.device, steps=args.steps, out=args.out)
+        elif args.command == "serve":
+            _serve(args)
         else:
             _inspect(args.path)
     except (FileNotFoundError, ValueError) as e:

@@ -6,7 +6,7 @@ then teaches it, through ``engine.model(...).with_adapter(...).spawn_train(...)`
 reverse short digit strings: ``<bos> 3 1 4 1 5 <sep> 5 1 4 1 3 <eos>``. The loss covers
 only the answer tokens (per-token weights). Accuracy is the share of held-out answer tokens
 predicted with probability above 1/2 (hence greedily right), before and after training.
-Then a sampling client that shares the trained weights
+Then a sampling client of a snapshot of the trained weights
 (``save_weights_and_get_sampling_client``) answers held-out prompts greedily, stopping at
 ``<eos>``; the demo reports how many answers are exactly the reversed string. The adapter
 is saved in PEFT's format. On a GPU the same runs on a larger model through the Triton
@@ -63,19 +63,20 @@ def accuracy(trainer, held_out: list) -> tuple[int, int]:
     out = trainer.forward(held_out, "cross_entropy").result()
     hit = total = 0
     for d, o in zip(held_out, out.loss_fn_outputs):
-        w = torch.as_tensor(d.loss_fn_inputs["weights"]) > 0
-        hit += int((o["logprobs"][w].exp() > 0.5).sum())
+        w = d.loss_fn_inputs["weights"].to_torch() > 0
+        hit += int((o["logprobs"].to_torch()[w].exp() > 0.5).sum())
         total += int(w.sum())
     return hit, total
 
 
 def sample_answers(trainer, prompts: list[list[int]]) -> list[list[int]]:
-    """Greedy answers to ``prompts`` (``<bos> digits <sep>``) from a sampling client that
-    shares the trainer's weights, each ending at ``<eos>`` (kept) or after len(digits) + 1
-    tokens; all requests are in flight at once (continuous batching)."""
+    """Greedy answers to ``prompts`` (``<bos> digits <sep>``) from a sampling client of a
+    snapshot of the trained weights (under LoRA, a copy of the adapter), each ending at
+    ``<eos>`` (kept) or after len(digits) + 1 tokens; all requests are in flight at once
+    (continuous batching)."""
     import engine
 
-    sampler = trainer.save_weights_and_get_sampling_client()
+    sampler = trainer.save_weights_and_get_sampling_client().result()
     futs = [sampler.sample(engine.ModelInput.from_ints(p), 1,
                            engine.SamplingParams(max_tokens=len(p) - 1, temperature=0.0, stop=[EOS]))
             for p in prompts]
@@ -111,8 +112,8 @@ def run(device: str | None = None, steps: int = 300, out: str | None = None, see
         trainer = (engine.model(ckpt).with_adapter(rank=16, alpha=32).device(device)
                    .spawn_train(max_batch_size=512, checkpoint_dir=Path(tmp) / "checkpoints"))
         info = trainer.get_info()
-        print(f"      LoRA r=16 on every linear layer: {info['trainable_parameters']:,} trainable of "
-              f"{info['parameters']:,} parameters, {info['dtype']} on {info['device']}")
+        print(f"      LoRA r=16 on every linear layer: {info.trainable_parameters:,} trainable of "
+              f"{info.parameters:,} parameters, {info.dtype} on {info.device}")
         hits, total = accuracy(trainer, held_out)
         before = hits / total
         print(f"[2/5] task: reverse 3-5 digits; held-out answer-token accuracy (p > 1/2) before training: {before:.1%}")
@@ -122,7 +123,7 @@ def run(device: str | None = None, steps: int = 300, out: str | None = None, see
         loss = float("nan")
         for step in range(1, steps + 1):
             batch = rng.sample(train, batch_size)
-            tokens = sum(float(sum(d.loss_fn_inputs["weights"])) for d in batch)
+            tokens = sum(float(d.loss_fn_inputs["weights"].to_torch().sum()) for d in batch)
             fb = trainer.forward_backward(batch, "cross_entropy")
             trainer.optim_step(adam)
             loss = fb.result().metrics["loss:sum"] / tokens
@@ -139,12 +140,12 @@ def run(device: str | None = None, steps: int = 300, out: str | None = None, see
         answers = sample_answers(trainer, prompts)
         sampled = time.perf_counter() - start
         exact = sum(a == q[len(p):] for a, q, p in zip(answers, questions, prompts)) / len(questions)
-        print(f"[5/5] sampling client sharing the trained weights: {len(prompts)} held-out prompts, greedy, "
+        print(f"[5/5] sampling client of the trained weights: {len(prompts)} held-out prompts, greedy, "
               f"stop at <eos>, {sampled:.1f} s")
         for p, a in list(zip(prompts, answers))[:3]:
             print(f"      {' '.join(map(str, p[1:-1]))}  ->  {' '.join('<eos>' if t == EOS else str(t) for t in a)}")
         print(f"      exact reversals: {exact:.0%}")
-        path = trainer.save_weights_for_sampler(Path(out or Path(tmp) / "adapter")).result()  # --out: a path as given
+        path = trainer.save_weights_for_sampler(Path(out or Path(tmp) / "adapter")).result().path  # --out: as given
         files = sorted(p.name for p in Path(path).iterdir())
         print(f"      PEFT adapter saved to {path} ({', '.join(files)})")
         trainer.close()

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from . import configs
 from .dispatch import check_triton_device, on_device, resolve_impl
 from .triton_base import TRITON_DTYPES, tl, triton, unit_last_stride
 
 _BACKENDS = ("triton", "torch")
+# num_warps candidates tune.py times per fused_ops.<op> class (shape_class: the row's size
+# and dtype); each launcher's own heuristic, beside its launch, is among them.
+WARPS = {"rms_norm": (1, 2, 4, 8, 16), "silu_mul": (1, 2, 4, 8), "rope": (1, 2, 4)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,6 +119,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
 
 
+def shape_class(size: int, dtype: torch.dtype) -> str:
+    """The class of a fused_ops.rms_norm/silu_mul/rope entry: the row's size (hidden, the
+    gated width, or head dim) exact, and the dtype."""
+    return configs.shape_class(n=size, dtype=configs.dtype_name(dtype))
+
+
+def warps(op: str, size: int, x: torch.Tensor, heuristic) -> int:
+    """num_warps of ``op``: the device table's fused_ops.<op> entry, else ``heuristic()``."""
+    return configs.choose(f"fused_ops.{op}", shape_class(size, x.dtype), x.device, heuristic)
+
+
 def rms_norm_triton(x, weight, eps, residual=None):
     check_triton_device("rms_norm", x)
     x2 = _rows(x)
@@ -130,7 +145,7 @@ def rms_norm_triton(x, weight, eps, residual=None):
             _rms_norm_kernel[(n_rows,)](
                 x2, res2, weight, out, h, n_cols, x2.stride(0), 0 if res2 is None else res2.stride(0), out.stride(0),
                 0 if h is None else h.stride(0), float(eps), HAS_RES=residual is not None, BLOCK=block,
-                num_warps=min(16, max(1, block // 256)))
+                num_warps=warps("rms_norm", n_cols, x, lambda: min(16, max(1, block // 256))))
     out = out.view(x.shape)
     return out if residual is None else (out, h.view(x.shape))
 
@@ -150,7 +165,7 @@ def rope_triton(q, k, cos, sin, q_weight=None, k_weight=None, eps=1e-6):
                 q, k, q_out, k_out, cos, sin, q_weight, k_weight, hq, half, q.stride(0), q.stride(1), k.stride(0),
                 k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
                 sin.stride(0), float(eps), HAS_NORM=q_weight is not None, BLOCK=triton.next_power_of_2(half),
-                num_warps=1)
+                num_warps=warps("rope", d, q, lambda: 1))
     return q_out, k_out
 
 
@@ -163,7 +178,7 @@ def silu_mul_triton(gate_up):
     if x.shape[0] and n:
         with on_device(x.device):
             _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, n, x.stride(0), out.stride(0), BLOCK=block,
-                                                                  num_warps=4)
+                                                                  num_warps=warps("silu_mul", n, x, lambda: 4))
     return out.view(*gate_up.shape[:-1], n)
 
 

@@ -11,8 +11,9 @@ two things changed and nothing else:
   computes the specialisation a real launch gets (pointer and integer 16-divisibility,
   integers equal to 1 made constants, constexprs, ``triton.heuristics``, num_warps and
   num_stages), compiles it through its cache (``~/.triton/cache``), and launches nothing.
-* ``triton_base.COMPILE_ONLY_SMS`` is set to the H100's 132 SMs: the device gates take CPU
-  tensors and every launch heuristic takes its GPU branch (``gpu_branch``, ``sm_count``).
+* ``triton_base.COMPILE_ONLY`` is set to an H100 (132 SMs): the device gates take CPU
+  tensors, every launch heuristic takes its GPU branch (``gpu_branch``, ``sm_count``), and
+  ``kernels.configs`` reads the H100's table, so a tuned entry is compiled as it launches.
   TRITON_INTERPRET is unset (the module re-executes itself without it), and every kernel
   module's ``interpreting`` is checked to be the base's and False, so no tile choice sees
   the interpreter's.
@@ -47,7 +48,7 @@ import sys
 import time
 
 SHARED_LIMIT = 232_448  # bytes of shared memory one block may use on an H100 (227 KiB)
-H100_SMS = 132
+H100_NAME, H100_SMS = "NVIDIA H100 80GB HBM3", 132
 LOW_PRECISION = ("bf16", "fp16")
 
 
@@ -203,7 +204,7 @@ def check_family(family: str) -> tuple[list[Row], list[str]]:
     from kernels import launch_targets, triton_base
 
     recorder = Recorder()
-    triton_base.COMPILE_ONLY_SMS = H100_SMS
+    triton_base.COMPILE_ONLY = triton_base.StandInGPU(H100_NAME, H100_SMS)
     check_gpu_branches()
     recorder.family = family
     notes = launch_targets.FAMILIES[family]()

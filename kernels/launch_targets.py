@@ -29,8 +29,8 @@ cut down. How each target is reached:
   lowrank_gemm.CONFIGS with and without dropout at rank 16; lora_linear_multi decode (1, 8 and 32 rows: one-token row blocks) and prefill (2048
   rows). Meta tensors have address 0, 16-byte aligned as every GPU allocation is. Off a
   CUDA device lora_triton splits its loops for 4 programs, not 2 per SM: the split lengths
-  stay multiples of the tile (divisible by 16), so the specialisation holds; and
-  lowrank_gemm picks cuBLAS without timing, so each fused config is forced in turn.
+  stay multiples of the tile (divisible by 16), so the specialisation holds. The fused
+  GEMM launches only where a tuned table picks it: each config is forced in turn.
 * fused_ops: rms_norm at hidden 2048, 4096, 5120, 8192 with and without the residual;
   rope of 32 query and 8 key heads of a packed qkv at d 64 and 128, with and without the
   q/k norm; silu_mul at intermediate 8192 and 14336; bf16, fp16 and fp32.
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from . import lowrank_gemm
+from . import configs, lowrank_gemm
 from .fused_ops import rms_norm, rope, silu_mul
 from .linear_logprobs import linear_cross_entropy, linear_logprobs, linear_token_loss
 from .lora import lora_linear, lora_linear_multi
@@ -153,15 +153,11 @@ def lora() -> list[str]:
                     notes += attempt(f"lora {dtype} r={rank} out={out_features} p={dropout}",
                                      lambda: _lora_step(dtype, rank, out_features, dropout))
     notes += attempt("lora 8191 rows", lambda: _lora_step(torch.bfloat16, 16, 14336, 0.0, rows=8191))
-    configs, scheme = lowrank_gemm.CONFIGS, lowrank_gemm.GEMM
-    try:
-        for config in configs:
-            lowrank_gemm.CONFIGS, lowrank_gemm.GEMM = (config,), "fused"
+    for config in lowrank_gemm.CONFIGS:  # the fused candidates a tuned table may pick
+        with configs.forced({"lora.gemm": config}):
             for dropout, bias in ((0.0, True), (0.1, False)):
                 notes += attempt(f"lora fused {config} p={dropout}",
                                  lambda: _lora_step(torch.bfloat16, 16, 14336, dropout, bias))
-    finally:
-        lowrank_gemm.CONFIGS, lowrank_gemm.GEMM = configs, scheme
     meta = dict(dtype=torch.bfloat16, device="meta")
     for rows in (1, 8, 32, 2048):
         ids = torch.empty(rows, dtype=torch.int32, device="meta")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import configs
 from .token_stats import TokenStats, evaluate_loss, vocab_offset, zero_ignored
 from .triton_base import empty, interpreting, tl, triton
 
@@ -142,16 +143,31 @@ def chunk_rows(n: int, v: int, h: int, itemsize: int) -> int:
     return max(1, min(n, rows))
 
 
-def tile_config(kind: str, v: int) -> dict:
-    """BLOCK_V and num_warps of the statistics ("stats") and gradient ("grad") kernels over
-    a vocabulary (shard) of ``v``. Interpreter: 256-wide tiles, so tests cross tile edges.
-    GPU: "grad" writes one 4096-wide tile per program and keeps nothing; "stats" streams a
-    row in 2048-wide steps with up to five per-lane float32 accumulators (8 elements a
-    thread each at 8 warps): at most 79 registers in every variant (sm_90, triton 3.6/3.9;
-    at 4096 wide they took up to 128 and spilled 8 B in float32), so 3 to 6 blocks share
-    an SM instead of 2 or 3 (benchmarks/NOTES.md)."""
+def launch_config(kind: str, v: int) -> dict:
+    """The heuristic config (BLOCK_V, num_warps) of the statistics ("stats") or gradient
+    ("grad") kernel over a vocabulary shard of ``v``. Interpreter: 256-wide tiles, so tests
+    cross tile edges. GPU: "grad" writes one 4096-wide tile per program and keeps nothing;
+    "stats" streams a row in 2048-wide steps with up to five per-lane float32 accumulators
+    (8 elements a thread each at 8 warps): at most 79 registers in every variant (sm_90,
+    triton 3.6/3.9; at 4096 wide they took up to 128 and spilled 8 B in float32), so 3 to 6
+    blocks share an SM instead of 2 or 3 (benchmarks/NOTES.md)."""
     width = 256 if interpreting() else {"stats": 2048, "grad": 4096}[kind]
     return dict(BLOCK_V=min(width, triton.next_power_of_2(v)), num_warps=8)
+
+
+def shape_class(v: int, dtype: torch.dtype, opts: Options, has_bias: bool) -> str:
+    """The class of a linear_logprobs.stats/grad table entry: vocabulary shard size, dtype
+    and the variant (bias, softcap, sum, entropy), which sets the registers a row needs."""
+    flags = "".join(str(int(f)) for f in (has_bias, opts.softcap is not None, opts.want_sum, opts.want_entropy))
+    return configs.shape_class(v=v, dtype=configs.dtype_name(dtype), flags=flags)
+
+
+def candidates(kind: str, v: int) -> list[dict]:
+    """Configs tune.py times for the "stats" or "grad" kernel: launch_config's first, then
+    BLOCK_V in {1024, 2048, 4096, 8192} (capped at the shard) x num_warps in {4, 8, 16}."""
+    cap = triton.next_power_of_2(v)
+    return configs.candidate_list(launch_config(kind, v), *(
+        dict(BLOCK_V=min(b, cap), num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)))
 
 
 class _Problem:
@@ -168,7 +184,9 @@ class _Problem:
         self.rows = chunk_rows(self.n, self.v, x.shape[1], x.element_size())
         self.inv_temp = 1.0 / opts.temperature
         self.softcap = float(opts.softcap) if opts.softcap is not None else 1.0
-        self.stats_tile, self.grad_tile = tile_config("stats", self.v), tile_config("grad", self.v)
+        cls = shape_class(self.v, x.dtype, opts, bias is not None)
+        self.stats_cfg = configs.choose("linear_logprobs.stats", cls, x.device, lambda: launch_config("stats", self.v))
+        self.grad_cfg = configs.choose("linear_logprobs.grad", cls, x.device, lambda: launch_config("grad", self.v))
         self._buf = None
 
     def chunks(self):
@@ -197,7 +215,7 @@ class _Problem:
         bias = self.bias if self.bias is not None else z
         _stats_kernel[(c,)](z, z.stride(0), bias, self.targets[start:end], self.v, self.vocab_start,
                             self.inv_temp, self.softcap, row_max, sumexp, pick, ssum, psum,
-                            WANT_SUM=opts.want_sum, WANT_PSUM=opts.want_entropy, **self.stats_tile,
+                            WANT_SUM=opts.want_sum, WANT_PSUM=opts.want_entropy, **self.stats_cfg,
                             **self._flags())
         group = opts.process_group
         if group is not None:
@@ -223,10 +241,10 @@ class _Problem:
     def grad_logits(self, z, start, end, lse, a, k, c=None, d=None):
         """Overwrite z with dL/dz from per-row coefficients (see _grad_kernel)."""
         bias = self.bias if self.bias is not None else z
-        grid = (end - start, triton.cdiv(self.v, self.grad_tile["BLOCK_V"]))
+        grid = (end - start, triton.cdiv(self.v, self.grad_cfg["BLOCK_V"]))
         _grad_kernel[grid](z, z.stride(0), bias, self.targets[start:end], self.v, self.vocab_start, self.inv_temp,
                            self.softcap, lse, a, k, c if c is not None else a, d if d is not None else a,
-                           HAS_ENTROPY=c is not None, HAS_SUM=d is not None, **self.grad_tile, **self._flags())
+                           HAS_ENTROPY=c is not None, HAS_SUM=d is not None, **self.grad_cfg, **self._flags())
 
     def new_grads(self, need_x, need_w, need_b):
         w_dtype = torch.float32 if self.opts.fp32_weight_grad else self.weight.dtype

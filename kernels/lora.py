@@ -192,9 +192,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
         y [..., out] in x's dtype, differentiable in x, weight, bias, lora_a and lora_b.
         The Triton backend runs the base GEMMs either on cuBLAS, with the low-rank term
         pre-written as their C, or as one Triton GEMM with the term in its epilogue,
-        whichever it timed faster for the shape on its first call; see ``lora_triton.py``
-        for the byte counts. Its float32 partial sums are added with
-        atomics, so results may differ in the last bits between runs.
+        whichever the device's config table names for the shape class (cuBLAS without
+        an entry); see ``lora_triton.py`` for the byte counts. Its float32 partial sums
+        are added with atomics, so results may differ in the last bits between runs.
     """
     _check_base(x, weight, bias)
     _check_lora(x, weight, lora_a, lora_b, scale, dropout, dropout_seed)

@@ -1,7 +1,7 @@
 """Triton backend of lora_linear and lora_linear_multi.
 
-Two schemes for the base GEMMs, chosen per shape class by timing both on the first call
-(``lowrank_gemm.pick_gemm``; float32 and the interpreter take the first):
+Two schemes for the base GEMMs, chosen per shape class by the device's config table
+(``lowrank_gemm.pick_gemm``; the first without an entry):
 
 * "cublas" (below): the base GEMMs stay on cuBLAS; Triton kernels pre-write the rank-r
   term into y and dx, which cuBLAS reads back as C (beta=1);
@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import torch
 
+from . import configs
 from .dispatch import on_device
-from .lowrank_gemm import gemm_lowrank, pick_gemm, tma_ok
+from .lowrank_gemm import block_class, gemm_lowrank, pick_gemm, tma_ok
 from .triton_base import (cast, dot, dot_block, dot_mode, dropout_keep, empty, interpreting, sm_count, tl, triton,
                           unit_last_stride)
 
@@ -269,6 +270,18 @@ def _blocks(kind: str, r_pad: int, n: int = 0, multi: bool = False) -> dict:
     return blk
 
 
+def blocks(kind: str, r_pad: int, t: torch.Tensor, n: int = 0, multi: bool = False) -> dict:
+    """_blocks, or (without TEST_BLOCKS) the device table's lora.<kind> entry of block_class."""
+    return _blocks(kind, r_pad, n, multi) if TEST_BLOCKS is not None else configs.choose(
+        f"lora.{kind}", block_class(r_pad, t.dtype, multi and n <= 256), t.device, lambda: _blocks(kind, r_pad, n, multi))
+
+
+def block_candidates(kind: str, r_pad: int, decode: bool) -> list[dict]:
+    """The heuristic's blocks, then row blocks 32-256 (1 in decode) x feature blocks 64, 128."""
+    base, feat, rows = _blocks(kind, r_pad, 0, decode), "o" if kind in ("expand", "dy") else "k", (32, 64, 128, 256)
+    return configs.candidate_list(base, *(dict(base, n=n, **{feat: f}) for n in ((1,) if decode else rows) for f in (64, 128)))
+
+
 def _split_length(total: int, block: int, blk: dict, other_programs: int, t: torch.Tensor) -> int:
     """Length (a multiple of ``block``) of each split of a ``total``-long loop, so that the
     grid, ``other_programs`` wide along its other axis, has about two resident programs per
@@ -306,7 +319,7 @@ def _shrink(x, a, xa, *, ids=None, scales=None, seed=0, p=0.0) -> None:
     n, k = x.shape
     r_pad = xa.shape[1]
     multi = ids is not None
-    blk = _blocks("shrink", r_pad, n, multi)
+    blk = blocks("shrink", r_pad, x, n, multi)
     grid_n = triton.cdiv(n, blk["n"])
     k_per_split = _split_length(k, blk["k"], blk, grid_n, x)
     splits = triton.cdiv(k, k_per_split)
@@ -324,7 +337,7 @@ def _expand(xa, b, y, bias, scale, *, ids=None) -> None:
     n, m = y.shape
     r_pad = xa.shape[1]
     multi = ids is not None
-    blk = _blocks("expand", r_pad, n, multi)
+    blk = blocks("expand", r_pad, y, n, multi)
     sb = (b.stride(0), b.stride(1), b.stride(2)) if multi else (0, b.stride(0), b.stride(1))
     grid = (triton.cdiv(n, blk["n"]), triton.cdiv(m, blk["o"]))
     _expand_kernel[grid](
@@ -344,15 +357,12 @@ def lora_fwd(x, weight, a, b, bias, scale: float, p: float, seed: int) -> tuple[
         return y, xa
     with on_device(x.device):
         _shrink(x, a, xa, seed=seed, p=p)
-
-        def run(choice):
-            if choice == "cublas":
-                _expand(xa, b, y, bias, scale)
-                y.addmm_(x, weight.t())
-            else:
-                gemm_lowrank(x, weight.t(), xa, b.t(), b.shape[1], scale, bias, y, 0, 0.0, _fused_config(choice))
-
-        run(pick_gemm("fwd", y, x.shape[1], r_pad, (bias is not None,), tma_ok(x, weight), run))
+        choice = pick_gemm("fwd", y, x.shape[1], r_pad, (bias is not None,), tma_ok(x, weight))
+        if choice == "cublas":
+            _expand(xa, b, y, bias, scale)
+            y.addmm_(x, weight.t())
+        else:
+            gemm_lowrank(x, weight.t(), xa, b.t(), b.shape[1], scale, bias, y, 0, 0.0, _fused_config(choice))
     return y, xa
 
 
@@ -371,7 +381,7 @@ def lora_bwd(dy, x, weight, a, b, xa, scale: float, p: float, seed: int, needs: 
     f32 = dict(dtype=torch.float32, device=dev)
     with on_device(dy.device):
         if r_pad <= FUSED_DY_MAX_RANK:
-            blk = _blocks("dy", r_pad)
+            blk = blocks("dy", r_pad, dy)
             grid_n = triton.cdiv(n, blk["n"])
             o_per_split = _split_length(m, blk["o"], blk, grid_n, dy)
             dyb = torch.zeros(n, r_pad, **f32)
@@ -396,7 +406,7 @@ def lora_bwd(dy, x, weight, a, b, xa, scale: float, p: float, seed: int, needs: 
 
         def dx_da(with_dx: bool, with_da: bool):
             """dx = scale * (dyB @ A) * mask (the C of dx += dy @ W) and / or dA."""
-            blk = _blocks("dx", r_pad)
+            blk = blocks("dx", r_pad, dy)
             tiles_k = triton.cdiv(k, blk["k"])
             n_per_split = _split_length(n, blk["n"], blk, tiles_k, dy)
             _bwd_dx_kernel[(tiles_k, triton.cdiv(n, n_per_split))](
@@ -404,15 +414,7 @@ def lora_bwd(dy, x, weight, a, b, xa, scale: float, p: float, seed: int, needs: 
                 dx.stride(0) if with_dx else 0, da_acc if with_da else dyb, n, k, r, n_per_split, scale, seed, p,
                 1.0 / (1.0 - p), NEED_DX=with_dx, NEED_DA=with_da, HAS_DROPOUT=p > 0, PREC=dot_mode(x.dtype),
                 BLOCK_N=blk["n"], BLOCK_K=blk["k"], BLOCK_R=r_pad, num_warps=4, num_stages=3)
-
-        def run_dx(choice):
-            if choice == "cublas":
-                dx_da(True, False)
-                dx.addmm_(dy, weight)
-            else:
-                gemm_lowrank(dy, weight, dyb, a, r, scale, None, dx, seed, p, _fused_config(choice))
-
-        pick = pick_gemm("dx", dx, m, r_pad, (p > 0,), tma_ok(dy, weight), run_dx) if need_x else None
+        pick = pick_gemm("dx", dx, m, r_pad, (p > 0,), tma_ok(dy, weight)) if need_x else None
         if pick == "cublas":
             dx_da(True, need_a)  # one kernel writes dx's C and accumulates dA
             dx.addmm_(dy, weight)
@@ -420,7 +422,7 @@ def lora_bwd(dy, x, weight, a, b, xa, scale: float, p: float, seed: int, needs: 
             if need_a:
                 dx_da(False, True)
             if need_x:
-                run_dx(pick)
+                gemm_lowrank(dy, weight, dyb, a, r, scale, None, dx, seed, p, _fused_config(pick))
         if need_a:
             da = (da_acc[:r] * scale).to(a.dtype)
     if need_w:

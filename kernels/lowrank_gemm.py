@@ -8,25 +8,24 @@ through TMA descriptors, when the tensors are aligned for them. Either adds the 
 term as one more MMA into its accumulator before the single store of C (the dropout mask
 regenerated in its epilogue): two full passes over C fewer than cuBLAS adding the base onto
 a pre-written term (the pre-write and its read-back, in each direction), if the Triton GEMM
-keeps up with cuBLAS. Whether it does is timed per shape class on the first call
-(:func:`pick_gemm`), against the caller's cuBLAS path.
+keeps up with cuBLAS. Whether it does is measured per shape class by benchmarks/tune.py,
+outside any step, and read from the device's table (:func:`pick_gemm`).
 """
 from __future__ import annotations
 
 import torch
 
+from . import configs
 from .triton_base import cast, dot, dot_block, dot_mode, dropout_keep, tl, triton
 
 # Base GEMM + rank-r term: "fused" (one Triton GEMM writes y / dx with the term in its
 # epilogue; "fused-tma" with TMA loads) or "cublas" (a Triton kernel pre-writes the term,
-# cuBLAS adds the base with beta=1). None: on the first call of each shape class, time the
-# cuBLAS scheme and every fused config and keep the fastest (CUDA, bf16/fp16); the
-# interpreter and float32 take "cublas". Tests and benchmarks force one.
+# cuBLAS adds the base with beta=1). None: the device table's choice (pick_gemm). Tests and
+# benchmarks force one here, as shorthand for configs.forced({"lora.gemm": CONFIGS[0]}).
 GEMM: str | None = None
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, TMA loads)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, TMA loads): the fused candidates of lora.gemm
 CONFIGS = ((128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, False), (128, 128, 64, 8, 4, False),
            (128, 128, 64, 4, 4, False), (128, 256, 64, 8, 3, True), (128, 128, 64, 8, 4, True))
-_PICKS: dict = {}  # shape class -> "cublas" or a config of CONFIGS
 
 
 @triton.jit
@@ -160,20 +159,33 @@ def gemm_lowrank(p_op: torch.Tensor, q_op: torch.Tensor, lo: torch.Tensor, rt: t
                                    EVEN_K=k % bk == 0, **common)
 
 
-def pick_gemm(kind: str, out: torch.Tensor, k: int, r_pad: int, flags: tuple, tma: bool, runs) -> object:
-    """"cublas" or a fused config for this shape class. ``runs(choice)`` performs the
-    product with that choice (it overwrites ``out`` only). Timed once per class on CUDA:
-    every fused config (the TMA ones when ``tma``) against the cuBLAS path, with
-    triton.testing.do_bench."""
+def shape_class(kind: str, m: int, n: int, k: int, r_pad: int, dtype: torch.dtype, flags: tuple, tma: bool) -> str:
+    """The lora.gemm class of a product out [m, n] over k: kind ("fwd": y, flags (bias,);
+    "dx": dx, flags (dropout,)), rows as a power of two, n, k and the padded rank exact."""
+    return configs.shape_class(kind=kind, m=configs.pow2(m), n=n, k=k, r=r_pad, dtype=configs.dtype_name(dtype),
+                               flags="".join(str(int(f)) for f in flags), tma=tma)
+
+
+def block_class(r_pad: int, dtype: torch.dtype, decode: bool) -> str:
+    """The class of lora.shrink/expand/dy/dx (lora_triton.blocks): padded rank, dtype, decode
+    (a multi-adapter launch over at most 256 rows: one-token row blocks)."""
+    return configs.shape_class(r=r_pad, dtype=configs.dtype_name(dtype), decode=decode)
+
+
+def candidates(tma: bool) -> list:
+    """The schemes tune.py times for a lora.gemm class: "cublas" (the heuristic), then every
+    fused config (the TMA ones when the operands allow TMA)."""
+    return configs.candidate_list("cublas", *(c for c in CONFIGS if tma or not c[5]))
+
+
+def pick_gemm(kind: str, out: torch.Tensor, k: int, r_pad: int, flags: tuple, tma: bool) -> object:
+    """"cublas" or a fused config for this product (arguments as in :func:`shape_class`).
+    Nothing is timed here: the device table's entry (benchmarks/tune.py measured it), else
+    "cublas": cuBLAS's speed is known, while a fused config nobody has measured on this
+    device may spill or miss cuBLAS's rate and slow every step. float32 and CPU tensors
+    have no entries (tune.py measures bf16 on a GPU): "cublas" unless forced."""
     if GEMM is not None:
         return {"cublas": "cublas", "fused": CONFIGS[0], "fused-tma": CONFIGS[-1]}[GEMM]
-    if not out.is_cuda or out.dtype == torch.float32:
-        return "cublas"
     m, n = out.shape
-    key = (kind, triton.next_power_of_2(m), n, k, r_pad, out.dtype, out.device.index, flags, tma)
-    pick = _PICKS.get(key)
-    if pick is None:
-        configs = [c for c in CONFIGS if tma or not c[5]]
-        times = {c: triton.testing.do_bench(lambda c=c: runs(c), warmup=5, rep=25) for c in ("cublas", *configs)}
-        pick = _PICKS[key] = min(times, key=times.get)
-    return pick
+    return configs.choose("lora.gemm", shape_class(kind, m, n, k, r_pad, out.dtype, flags, tma), out.device,
+                          lambda: "cublas")

@@ -25,6 +25,7 @@ new token's k/v, then ``paged_attention``.
 """
 import torch
 
+from . import configs
 from .dispatch import check_triton_device, on_device, resolve_impl
 from .triton_base import (TRITON_DTYPES, attention_scores, dot_block, dot_precision, gpu_branch, interpreting,
                           online_softmax_step, sm_count, tl, triton, unit_last_stride)
@@ -156,6 +157,22 @@ def _decode_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
+def decode_shape_class(head_dim: int, dtype: torch.dtype, group: int) -> str:
+    """The class of a paged_attention.decode table entry: head dim, dtype, GQA group (query
+    heads per key/value head); batch and context only change the grid and the split count."""
+    return configs.shape_class(d=head_dim, dtype=configs.dtype_name(dtype), group=group)
+
+
+def decode_candidates(head_dim: int, dtype: torch.dtype) -> list[dict]:
+    """Configs tune.py times for the decode kernel: _decode_config's first, then BLOCK_N in
+    {32, 64, 128} x num_warps in {2, 4, 8} x num_stages in {2, 3} (BLOCK_N 32 and 64 only for
+    head dims over 128 and float32)."""
+    wide = head_dim > 128 or dtype == torch.float32
+    return configs.candidate_list(_decode_config(head_dim, dtype), *(
+        dict(BLOCK_N=n, num_warps=w, num_stages=st) for n in ((32, 64) if wide else (32, 64, 128))
+        for w in (2, 4, 8) for st in (2, 3)))
+
+
 def _min_keys(device: torch.device) -> int:
     """The shortest chunk worth a partial write: 256 keys (under the interpreter: 32)."""
     return 256 if gpu_branch(device) else 32
@@ -188,7 +205,8 @@ def paged_attention_fwd(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if batch == 0:
         return out
-    cfg = _decode_config(d, q.dtype)
+    cfg = configs.choose("paged_attention.decode", decode_shape_class(d, q.dtype, hq // hkv), q.device,
+                         lambda: _decode_config(d, q.dtype))
     max_context = max(1, max_blocks * block_size)
     min_keys = 1  # an explicit num_splits is taken as it is
     if num_splits is None:

@@ -7,9 +7,9 @@ import torch
 
 from .dispatch import check_triton_device, on_device
 from .triton_base import LOG2E, attention_scores, dot_block, dot_precision, interpreting, tl, triton, unit_last_stride
-from .varlen_attention_triton import (attention_flags, check_out, config, grid_blocks, key_block_scores, key_blocks,
+from .varlen_attention_triton import (attention_flags, check_out, grid_blocks, key_block_scores, key_blocks,
                                       key_program, load_rows, load_tokens, pair_ok, query_blocks, query_program,
-                                      zero_rows)
+                                      tuned_config, zero_rows)
 
 
 @triton.jit
@@ -197,7 +197,7 @@ def varlen_attention_bwd(
             out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
             total_q, d, BLOCK_T=block_t, BLOCK_D=block_d,
         )
-        cfg = config("dkdv", d, q.dtype)
+        cfg = tuned_config("dkdv", d, q.dtype, causal, q.device)
         grid = ((num_seqs + 1) * hkv, grid_blocks(max_seqlen_k, cfg["BLOCK_N"]))
         _varlen_attn_bwd_dkdv_kernel[grid](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale, softcap or 0.0, window or 0,
@@ -205,7 +205,7 @@ def varlen_attention_bwd(
             dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
             total_k, num_seqs, hkv, hq // hkv, d, **common, **cfg,
         )
-        cfg = config("dq", d, q.dtype)
+        cfg = tuned_config("dq", d, q.dtype, causal, q.device)
         grid = ((num_seqs + 1) * hq, grid_blocks(max_seqlen_q, cfg["BLOCK_M"]))
         _varlen_attn_bwd_dq_kernel[grid](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, softmax_scale, softcap or 0.0, window or 0,

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import configs
 from .dispatch import check_triton_device, on_device
 from .triton_base import (LN2, attention_scores, dot_block, dot_precision, interpreting, online_softmax_step, tl,
                           triton, unit_last_stride)
@@ -305,6 +306,37 @@ def config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
         dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
 
 
+def shape_class(head_dim: int, dtype: torch.dtype, causal: bool) -> str:
+    """The class of a varlen_attention.fwd/dkdv/dq table entry: head dim, dtype, causal (the
+    sequence lengths only change the grid's size)."""
+    return configs.shape_class(d=head_dim, dtype=configs.dtype_name(dtype), causal=causal)
+
+
+def tuned_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device) -> dict:
+    """The launch config of ``kind``: the device table's varlen_attention.<kind> entry, else
+    :func:`config`."""
+    return configs.choose(f"varlen_attention.{kind}", shape_class(head_dim, dtype, causal), device,
+                          lambda: config(kind, head_dim, dtype))
+
+
+def candidates(kind: str, head_dim: int, dtype: torch.dtype) -> list[dict]:
+    """Configs tune.py times for ``kind`` (and the launch check compiles): :func:`config`'s
+    first, then tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) around it; for head dims
+    over 128 and float32, only tiles no larger than the heuristic's."""
+    wide = head_dim > 128 or dtype == torch.float32
+    tiles = {"fwd": ((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                     (128, 128, 8, 2)),
+             "dkdv": ((32, 64, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 64, 4, 3),
+                      (64, 128, 8, 2)),
+             "dq": ((128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3),
+                    (128, 16, 8, 3))}[kind]
+    if wide:
+        tiles = {"fwd": ((64, 32, 4, 2), (32, 32, 4, 2)), "dkdv": ((16, 32, 4, 2), (16, 16, 4, 2)),
+                 "dq": ((32, 16, 4, 2), (16, 16, 4, 2))}[kind]
+    return configs.candidate_list(config(kind, head_dim, dtype), *(
+        dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in tiles))
+
+
 def grid_blocks(max_seqlen: int, block: int) -> int:
     """Blocks of ``block`` tokens along the grid's second axis (CUDA caps it at 65535)."""
     n = max(1, triton.cdiv(max_seqlen, block))
@@ -343,7 +375,7 @@ def varlen_attention_fwd(
     if k.shape[0] == 0:  # no keys at all: every query sees none
         return out.zero_(), lse.fill_(float("-inf"))
     num_seqs = cu_seqlens_q.numel() - 1
-    cfg = config("fwd", d, q.dtype)
+    cfg = tuned_config("fwd", d, q.dtype, causal, q.device)
     grid = ((num_seqs + 1) * hq, grid_blocks(max_seqlen_q, cfg["BLOCK_M"]))
     with on_device(q.device):
         _varlen_attn_fwd_kernel[grid](

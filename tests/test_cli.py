@@ -9,7 +9,24 @@ from engine.__main__ import main
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "engine", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "demo" in out and "inspect" in out
+    assert "demo" in out and "inspect" in out and "serve" in out
+
+
+def test_serve_refuses_bad_options(tmp_path, capsys):
+    assert main(["serve", "--model", "no-equals-sign"]) == 1
+    assert "must be NAME=PATH" in capsys.readouterr().err
+    assert main(["serve", "--model", f"a={tmp_path / 'nope'}"]) == 1
+    assert "not a checkpoint folder with a config.json" in capsys.readouterr().err
+
+
+def test_engine_imports_without_the_serve_extra():
+    """The default install has neither the server's stack nor the tinker SDK: engine, its API
+    and `python -m engine --help` work without them, and `serve` says which extra to install."""
+    blocked = "import sys; [sys.modules.__setitem__(m, None) for m in ('tinker', 'starlette', 'uvicorn', 'fastapi')]"
+    code = (f"{blocked}; import engine, engine.api, engine.infer; from engine.__main__ import main; "
+            "raise SystemExit(main(['serve', '--model', 'a=b']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 1 and "pip install 'engine[serve]'" in run.stderr, run.stderr
 
 
 def test_inspect(checkpoint, capsys):

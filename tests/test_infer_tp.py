@@ -80,23 +80,31 @@ def test_tp2_serves_like_tp1(checkpoint, tmp_path, peft_adapters):
 
 def _train_and_sample(folder, tp, prompt, out):
     """A LoRA trainer at ``tp`` with a sampling client sharing its ranks' weights: logprobs
-    before and after one step, and the client's weight versions; then the saved adapter
-    served by a client of its own (at the trainer's tp) gives the same logprobs."""
+    before and after one step, and the client's weight versions; snapshots taken before and
+    after the step keep giving those logprobs; then the saved adapter served by a client of
+    its own (at the trainer's tp) gives the same logprobs."""
     datum = engine.Datum(model_input=engine.ModelInput.from_ints(prompt[:-1]),
                          loss_fn_inputs={"target_tokens": prompt[1:]})
     trainer = engine.model(folder).tp(tp).with_adapter(rank=4).spawn_train(max_batch_size=64)
     try:
-        sampler = trainer.save_weights_and_get_sampling_client(kv_cache_tokens=256, block_size=4)
+        sampler = trainer.save_weights_and_get_sampling_client(kind="inflight", kv_cache_tokens=256, block_size=4)
         before = sampler.compute_logprobs(prompt).result(timeout=120)
+        snapshots = [trainer.save_weights_and_get_sampling_client()]
         trainer.forward_backward([datum], "cross_entropy")
         trainer.optim_step(engine.AdamParams(learning_rate=0.05)).result(timeout=120)
         res = sampler.sample(prompt, 2, SamplingParams(max_tokens=5, temperature=0.0)).result(timeout=120)
         after = sampler.compute_logprobs(prompt).result(timeout=120)
+        snapshots.append(trainer.save_weights_and_get_sampling_client())
         saved = trainer.save_weights_for_sampler(out / f"tp{tp}").result(timeout=120)
         with trainer.create_sampling_client(saved, kv_cache_tokens=256) as client:
             assert client.tp == tp
             torch.testing.assert_close(torch.tensor(client.compute_logprobs(prompt).result(timeout=120)[1:]),
                                        torch.tensor(after[1:]), rtol=0, atol=1e-5)
+        trainer.forward_backward([datum], "cross_entropy")
+        trainer.optim_step(engine.AdamParams(learning_rate=0.05)).result(timeout=120)
+        for snapshot, want in zip(snapshots, (before, after)):
+            torch.testing.assert_close(torch.tensor(snapshot.compute_logprobs(prompt).result(timeout=120)[1:]),
+                                       torch.tensor(want[1:]), rtol=0, atol=1e-5)
     finally:
         trainer.close()
     return torch.tensor(before[1:]), torch.tensor(after[1:]), [s.tokens for s in res.sequences], \

@@ -156,9 +156,9 @@ def test_non_finite_inputs_and_bad_hyperparameters_are_refused(llama):
     tm.forward_backward(data, "cross_entropy").result()  # gradients a bad step would apply
     weights, grads, _ = _snapshot(tm)
     nan_weights = _batch(2)
-    nan_weights[1].loss_fn_inputs["weights"][1] = float("nan")
+    nan_weights[1].loss_fn_inputs["weights"].to_torch()[1] = float("nan")
     inf_adv = _batch(3, loss="ppo")
-    inf_adv[2].loss_fn_inputs["advantages"][4] = float("inf")
+    inf_adv[2].loss_fn_inputs["advantages"].to_torch()[4] = float("inf")
     calls = [
         (lambda: tm.forward_backward(nan_weights, "cross_entropy"), r"data\[1\].loss_fn_inputs\['weights'\]"),
         (lambda: tm.forward_backward(inf_adv, "ppo"), r"data\[2\].loss_fn_inputs\['advantages'\]"),
@@ -193,13 +193,13 @@ def test_non_finite_gradient_skips_the_step(llama, tp2, tp):
     tm.forward_backward(data, "cross_entropy").result()
     first = tm.optim_step(engine.AdamParams(1e-2)).result().metrics  # AdamW state exists from here
     assert first["skipped_nonfinite_grad:sum"] == 0.0
-    step, base = tm.get_info()["step"], _loss(tm, data)
+    step, base = tm.get_info().step, _loss(tm, data)
     snap = _snapshot(tm) if tp == 1 else None
     tm.forward_backward_custom(data, _nan_loss).result()
     with pytest.warns(RuntimeWarning, match="optim_step skipped"):
         out = tm.optim_step(engine.AdamParams(0.0)).result().metrics  # lr=0 used to write NaN weights
     assert out["skipped_nonfinite_grad:sum"] == 1.0 and not math.isfinite(out["grad_norm"])
-    assert tm.get_info()["step"] == step and _loss(tm, data) == base
+    assert tm.get_info().step == step and _loss(tm, data) == base
     if tp == 1:
         weights, _, state = snap
         _assert_same_weights(tm, weights)
@@ -220,7 +220,7 @@ def _save_loop(tm, data, saved, saving, errors):
             tm.optim_step(engine.AdamParams(1e-3)).result()
             saving.set()
             tm.save_state("loop").result()
-            saved.append(tm.get_info()["step"])
+            saved.append(tm.get_info().step)
     except Exception as e:  # noqa: BLE001 - the kill ends the loop
         errors.append(e)
 
@@ -251,7 +251,7 @@ def test_tp2_save_killed_mid_loop_loads_consistently_or_refuses(tp2, checkpoint,
         except (ValueError, WorkerError) as e:
             assert "commit" in str(e) or "interrupted" in str(e), e
         else:
-            assert tp2.get_info()["step"] in (saved[-1], saved[-1] + 1), (saved, tp2.get_info())
+            assert tp2.get_info().step in (saved[-1], saved[-1] + 1), (saved, tp2.get_info())
         assert not any(".engine-tmp-" in p.name for p in (ckpts / "loop").iterdir())  # removed by the load
 
 
@@ -337,7 +337,7 @@ def test_load_state_is_strict_and_all_or_nothing(llama, tmp_path):
         with pytest.raises((ValueError, WorkerError), match=match):
             dst.load_state_with_optimizer(str(_rewrite(saved, change))).result()
         _assert_same_weights(dst, weights)
-    assert dst.get_info()["step"] == 1
+    assert dst.get_info().step == 1
 
     dst.forward_backward(data, "cross_entropy").result()  # a stray gradient from before the load
     dst.load_state(str(saved)).result()
@@ -397,7 +397,7 @@ def test_non_numeric_loss_inputs_and_empty_target_modules_are_refused(llama):
     'str'"; ``target_modules=[]`` silently adapted every layer."""
     tm = engine.model(llama).spawn_train(max_batch_size=64)
     data = _batch(4)
-    data[1].loss_fn_inputs["weights"] = ["a"] * len(data[1].loss_fn_inputs["target_tokens"])
+    data[1].loss_fn_inputs["weights"] = ["a"] * data[1].loss_fn_inputs["target_tokens"].shape[0]
     with pytest.raises(ValueError, match=r"data\[1\].loss_fn_inputs\['weights'\] must hold numbers"):
         tm.forward_backward(data, "cross_entropy").result()
     assert math.isfinite(_loss(tm, _batch(4)))  # still usable

@@ -34,7 +34,7 @@ def llama(checkpoint):
 
 def _reference(loss_fn, cfg, lp, d):
     """Tinker's formulas on float64 logprobs of full logits."""
-    t = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in d.loss_fn_inputs.items() if k != "target_tokens"}
+    t = {k: _arr(v).double() for k, v in d.loss_fn_inputs.items() if k != "target_tokens"}
     if loss_fn == "cross_entropy":
         return -(lp * t["weights"]).sum()
     q, a = t["logprobs"], t["advantages"]
@@ -52,6 +52,11 @@ def _reference(loss_fn, cfg, lp, d):
     raise AssertionError(loss_fn)
 
 
+def _arr(value):
+    """A loss input as a tensor (Datum stores arrays as TensorData)."""
+    return value.to_torch() if hasattr(value, "to_torch") else torch.as_tensor(value)
+
+
 def _grads(trainer):
     return {n: p.grad.detach().clone() for n, p in trainer._trainer.params if p.grad is not None}
 
@@ -67,7 +72,7 @@ def test_builtin_losses_match_torch_formula(llama, loss_fn, cfg):
         lp = trainer.forward(data, "importance_sampling").result().loss_fn_outputs
         g = torch.Generator().manual_seed(2)
         for d, o in zip(data, lp):
-            d.loss_fn_inputs["logprobs"] = o["logprobs"] + 0.3 * torch.randn(len(o["logprobs"]), generator=g)
+            d.loss_fn_inputs["logprobs"] = o["logprobs"].to_torch() + 0.3 * torch.randn(o["logprobs"].shape, generator=g)
     out = trainer.forward_backward(data, loss_fn, cfg).result()
     ours = _grads(trainer)
 
@@ -82,8 +87,8 @@ def test_builtin_losses_match_torch_formula(llama, loss_fn, cfg):
                                                             batch.max_seqlen))
         model.float()
         logits = h @ ref["embed.weight" if model.lm_head is None else "lm_head.weight"].t()
-        lp = torch.log_softmax(logits, -1).gather(1, torch.as_tensor(d.loss_fn_inputs["target_tokens"])[:, None])[:, 0]
-        torch.testing.assert_close(o["logprobs"].double(), lp.detach(), rtol=0, atol=1e-4)
+        lp = torch.log_softmax(logits, -1).gather(1, _arr(d.loss_fn_inputs["target_tokens"])[:, None])[:, 0]
+        torch.testing.assert_close(o["logprobs"].to_torch().double(), lp.detach(), rtol=0, atol=1e-4)
         total = total + _reference(loss_fn, cfg or {}, lp, d)
     total.backward()
     assert math.isclose(out.metrics["loss:sum"], total.item(), rel_tol=1e-4, abs_tol=1e-4)
@@ -100,7 +105,7 @@ def test_micro_batching_equals_one_batch(llama):
     assert a.metrics["micro_batches:sum"] == 1 and b.metrics["micro_batches:sum"] >= 4
     assert math.isclose(a.metrics["loss:sum"], b.metrics["loss:sum"], rel_tol=1e-5)
     for x, y in zip(a.loss_fn_outputs, b.loss_fn_outputs):
-        torch.testing.assert_close(x["logprobs"], y["logprobs"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x["logprobs"].to_torch(), y["logprobs"].to_torch(), rtol=1e-5, atol=1e-5)
     gb, gs = _grads(big), _grads(small)
     for n in gb:
         torch.testing.assert_close(gb[n], gs[n], rtol=1e-4, atol=1e-6)
@@ -121,7 +126,7 @@ def test_long_datum_dropped_and_counted(llama):
     with pytest.warns(UserWarning, match="max_batch_size=16"):
         out = trainer.forward_backward(_data(lengths=(7, 19, 12)), "cross_entropy").result()
     assert out.metrics["dropped_data:sum"] == 1 and out.metrics["tokens:sum"] == 19
-    assert torch.isnan(out.loss_fn_outputs[1]["logprobs"]).all()
+    assert torch.isnan(out.loss_fn_outputs[1]["logprobs"].to_torch()).all()
 
 
 def test_forward_backward_custom_matches_builtin(llama):
@@ -131,7 +136,7 @@ def test_forward_backward_custom_matches_builtin(llama):
     ref = a.forward_backward(data, "cross_entropy").result()
 
     def fn(ds, logprobs):
-        loss = sum(-(lp * torch.as_tensor(d.loss_fn_inputs["weights"])).sum() for d, lp in zip(ds, logprobs))
+        loss = sum(-(lp * d.loss_fn_inputs["weights"].to_torch()).sum() for d, lp in zip(ds, logprobs))
         return loss, {"n": len(logprobs)}
 
     out = b.forward_backward_custom(data, fn).result()
@@ -175,7 +180,7 @@ def test_resume_reproduces_next_loss_exactly(llama, tmp_path, lora):
 
     b = build()
     b.load_state_with_optimizer(path).result()
-    assert b.get_info()["step"] == 1
+    assert b.get_info().step == 1
     b.forward_backward(data, "cross_entropy")
     b.optim_step(adam)
     assert b.forward(data, "cross_entropy").result().metrics["loss:sum"] == expected
@@ -198,13 +203,13 @@ def test_full_weights_export_loads_in_transformers(llama, tmp_path):
     data = _data(seed=7)
     trainer.forward_backward(data, "cross_entropy")
     trainer.optim_step(engine.AdamParams(1e-2))
-    path = trainer.save_weights_for_sampler(str(tmp_path / "export")).result()
+    path = trainer.save_weights_for_sampler(str(tmp_path / "export")).result().path
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = trainer.forward(data, "cross_entropy").result().loss_fn_outputs
     for d, o in zip(data, ours):
         lp = torch.log_softmax(_hf_logits(hf, d.model_input.to_ints()), -1)
-        lp = lp.gather(1, torch.as_tensor(d.loss_fn_inputs["target_tokens"])[:, None])[:, 0]
-        torch.testing.assert_close(o["logprobs"], lp, rtol=0, atol=1e-4)
+        lp = lp.gather(1, _arr(d.loss_fn_inputs["target_tokens"])[:, None])[:, 0]
+        torch.testing.assert_close(o["logprobs"].to_torch(), lp, rtol=0, atol=1e-4)
 
 
 def test_peft_adapter_export_loads_with_peft(llama, tmp_path):
@@ -217,14 +222,14 @@ def test_peft_adapter_export_loads_with_peft(llama, tmp_path):
     for _ in range(2):
         trainer.forward_backward(data, "cross_entropy")
         trainer.optim_step(engine.AdamParams(1e-2))
-    path = trainer.save_weights_for_sampler(str(tmp_path / "adapter")).result()
+    path = trainer.save_weights_for_sampler(str(tmp_path / "adapter")).result().path
     base = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(base, path).eval()
     ours = trainer.forward(data, "cross_entropy").result().loss_fn_outputs
     for d, o in zip(data, ours):
         lp = torch.log_softmax(_hf_logits(hf, d.model_input.to_ints()), -1)
-        lp = lp.gather(1, torch.as_tensor(d.loss_fn_inputs["target_tokens"])[:, None])[:, 0]
-        torch.testing.assert_close(o["logprobs"], lp, rtol=0, atol=1e-4)
+        lp = lp.gather(1, _arr(d.loss_fn_inputs["target_tokens"])[:, None])[:, 0]
+        torch.testing.assert_close(o["logprobs"].to_torch(), lp, rtol=0, atol=1e-4)
 
 
 def test_futures_run_in_order_and_errors_leave_model_usable(llama):
@@ -272,7 +277,7 @@ def test_bad_inputs_name_the_argument(llama):
 def test_builder_errors_and_registry(llama, tmp_path):
     engine.register_model("tiny-llama", llama)
     trainer = engine.model("model_registry://tiny-llama").spawn_train(max_batch_size=8)
-    assert trainer.get_info()["model_type"] == "llama"
+    assert trainer.get_info().model_type == "llama"
     with pytest.raises(ValueError, match="not registered"):
         engine.model("model_registry://nope")
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -299,10 +304,10 @@ def test_scoring_model_mse_and_ranking(llama, tmp_path):
         out = trainer.forward_backward(data, "mse").result()
         trainer.optim_step(engine.AdamParams(1e-2))
         losses.append(out.metrics["loss:sum"])
-    assert out.loss_fn_outputs[1]["values"].shape == (9,) and losses[-1] < losses[0]
+    assert out.loss_fn_outputs[1]["values"].shape == [9] and losses[-1] < losses[0]
     pairs = [engine.Datum(d.model_input, {}) for d in data[:2]] * 2
     out = trainer.forward_backward(pairs, "ranking").result()
-    s = [o["values"][-1] for o in out.loss_fn_outputs]
+    s = [o["values"].to_torch()[-1] for o in out.loss_fn_outputs]
     expected = -2 * F.logsigmoid(s[0] - s[1])
     assert math.isclose(out.metrics["loss:sum"], expected.item(), rel_tol=1e-5)
     with pytest.raises(ValueError, match="groups of 2"):
@@ -351,7 +356,7 @@ def test_tp2_training_equals_tp1(checkpoint, tmp_path, lora):
             state = trainer.save_state(str(tmp_path / f"state{tp}")).result()
             curve.append(trainer.forward(data, "cross_entropy").result().metrics["loss:sum"])
             trainer.load_state_with_optimizer(state).result()
-            assert trainer.get_info()["step"] == 3 and trainer.get_info()["tp"] == tp
+            assert trainer.get_info().step == 3 and trainer.get_info().tp == tp
             assert trainer.forward(data, "cross_entropy").result().metrics["loss:sum"] == curve[-1]
         finally:
             trainer.close()
@@ -378,11 +383,11 @@ def test_sampling_clients_follow_training(llama, tmp_path):
     data = _data(seed=9)
     prompt = engine.ModelInput.from_ints(data[2].model_input.to_ints())
     try:
-        sampler = trainer.save_weights_and_get_sampling_client()
-        trained_lp = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        sampler = trainer.save_weights_and_get_sampling_client(kind="inflight")
+        trained_lp = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_torch()
 
         def client_lp(client):
-            tokens = prompt.to_ints() + [int(data[2].loss_fn_inputs["target_tokens"][-1])]
+            tokens = prompt.to_ints() + [data[2].loss_fn_inputs["target_tokens"].tolist()[-1]]
             return torch.tensor(client.compute_logprobs(tokens).result()[1:])
 
         torch.testing.assert_close(client_lp(sampler), trained_lp.float(), rtol=1e-4, atol=1e-4)
@@ -392,7 +397,7 @@ def test_sampling_clients_follow_training(llama, tmp_path):
             trainer.optim_step(engine.AdamParams(5e-2)).result()
         after = sampler.sample(prompt, 1, engine.SamplingParams(max_tokens=3, temperature=0.0)).result()
         assert after.sequences[0].weight_version > before.sequences[0].weight_version
-        trained_lp = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        trained_lp = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_torch()
         torch.testing.assert_close(client_lp(sampler), trained_lp.float(), rtol=1e-4, atol=1e-4)
         saved = trainer.save_weights_for_sampler(str(tmp_path / "adapter")).result()
         client = trainer.create_sampling_client(saved)
@@ -404,9 +409,9 @@ def test_sampling_clients_follow_training(llama, tmp_path):
         trainer.optim_step(engine.AdamParams(5e-2)).result(timeout=60)
         with pytest.raises(RuntimeError, match="closed"):
             sampler.update_weights().result(timeout=5)
-        again = trainer.save_weights_and_get_sampling_client()
-        assert again is not sampler
-        trained_lp = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        again = trainer.save_weights_and_get_sampling_client(kind="inflight")
+        assert again.result() is not sampler.result()
+        trained_lp = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_torch()
         torch.testing.assert_close(client_lp(again), trained_lp.float(), rtol=1e-4, atol=1e-4)
     finally:
         trainer.close()
@@ -432,12 +437,12 @@ def test_shared_sampler_mixes_its_adapter_with_request_adapters(llama, tmp_path)
         other.forward_backward(data, "cross_entropy")
         other.optim_step(engine.AdamParams(5e-2)).result()
         path = other.save_weights_for_sampler(str(tmp_path / "other")).result()
-        want_other = other.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        want_other = other.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_torch()
         other.close()
-        sampler = trainer.save_weights_and_get_sampling_client()
-        tokens = data[2].model_input.to_ints() + [int(data[2].loss_fn_inputs["target_tokens"][-1])]
+        sampler = trainer.save_weights_and_get_sampling_client(kind="inflight")
+        tokens = data[2].model_input.to_ints() + [data[2].loss_fn_inputs["target_tokens"].tolist()[-1]]
         mine, theirs = sampler.compute_logprobs(tokens), sampler.compute_logprobs(tokens, adapter=path)
-        want = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+        want = trainer.forward(data[2:3], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_torch()
         torch.testing.assert_close(torch.tensor(mine.result()[1:]), want.float(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.tensor(theirs.result()[1:]), want_other.float(), rtol=1e-4, atol=1e-4)
     finally:

@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-from kernels import varlen_attention
+from kernels import configs, varlen_attention
 
 
 def _cu(lengths):
@@ -223,22 +223,22 @@ def test_flash_attn_backend_missing():
 
 
 @pytest.mark.parametrize("tiles", [(32, 16), (16, 32)])
-def test_triton_unequal_tiles(monkeypatch, tiles):
+def test_triton_unequal_tiles(tiles):
     """The GPU configurations use BLOCK_M != BLOCK_N; the block-range arithmetic must not
     assume square tiles."""
     block_m, block_n = tiles
-    for module in ("kernels.varlen_attention_triton", "kernels.varlen_attention_bwd_triton"):  # forward, backward
-        monkeypatch.setattr(importlib.import_module(module), "config",
-                            lambda *a: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1, num_stages=1))
+    tile = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1, num_stages=1)
     lens_q, lens_k, window = [70, 5, 33], [75, 5, 40], 37
     q, k, v = _random_problem(lens_q, lens_k, 2, 1, 16)
+    forced = {f"varlen_attention.{kind}": tile for kind in ("fwd", "dkdv", "dq")}
     for causal, win in ((True, window), (True, None), (False, window)):
-        out = varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), causal=causal,
-                               softmax_scale=0.25, window=win, impl="triton")
+        with configs.forced(forced):  # forward and backward
+            out = varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), causal=causal,
+                                   softmax_scale=0.25, window=win, impl="triton")
+            grad = torch.randn_like(out)
+            got = torch.autograd.grad(out, (q, k, v), grad)
         ref = dense_reference(q, k, v, lens_q, lens_k, causal=causal, window=win, softcap=None, scale=0.25)[0]
         torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
-        grad = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), grad)
         want = torch.autograd.grad(ref, (q, k, v), grad.double())
         for name, g, w in zip("qkv", got, want):
             torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")

@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import threading
 from pathlib import Path
 
 import torch
 
-from engine.models import add_lora, load_config, load_model
+from engine.models import add_lora, load_config, load_model, load_tokenizer, share_weights
 from engine.parallel import check_tp
 from engine.train.remote import RemoteTrainer
 from engine.train.trainer import Trainer, enable_activation_checkpointing
@@ -58,6 +59,7 @@ class ModelBuilder:
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
         self._activation_checkpointing = False
+        self._shared: dict | None = None  # shared_base(): {(dtype, device): the loaded base model}
 
     def _with(self, **changes) -> "ModelBuilder":
         new = copy.copy(self)
@@ -94,6 +96,23 @@ class ModelBuilder:
         """Recompute each block's activations in the backward (less memory, ~1/3 more compute)."""
         return self._with(activation_checkpointing=on)
 
+    def shared_base(self) -> "ModelBuilder":
+        """Load the base weights once, at the first spawn, and give every ``spawn_train`` (LoRA
+        only: full-weight training would change them for all) and ``spawn_inference`` of this
+        builder and of the builders derived from it a model sharing them (``share_weights``):
+        several adapters train and a sampler serves on one copy of the base. tp=1 only."""
+        return self._with(shared={}, shared_lock=threading.Lock())
+
+    def _load(self, dtype: torch.dtype, device: torch.device):
+        """The model a tp=1 spawn runs: its own, or one sharing this builder's base weights."""
+        if self._shared is None:
+            return load_model(self._path, dtype=dtype, device=device)
+        key = (dtype, str(device))
+        with self._shared_lock:  # spawns on several threads load it once
+            if key not in self._shared:
+                self._shared[key] = load_model(self._path, dtype=dtype, device=device)
+        return share_weights(self._shared[key])
+
     def _check(self, max_batch_size) -> tuple[torch.dtype, torch.device]:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int (tokens per micro-batch), got {max_batch_size!r}")
@@ -101,6 +120,8 @@ class ModelBuilder:
             raise ValueError(f"tp must be a positive int, got {self._tp!r}")
         if self._tp > 1:
             check_tp(load_config(self._path), self._tp)
+        if self._tp > 1 and self._shared is not None:
+            raise ValueError(f"shared_base() shares weights within one process; tp must be 1, got {self._tp}")
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} but no CUDA GPU is available")
@@ -131,6 +152,9 @@ class ModelBuilder:
         "Checkpoint names")."""
         dtype, device = self._check(max_batch_size)
         adapter = None
+        if self._shared is not None and self._adapter is None:
+            raise ValueError("shared_base(): only a LoRA adapter may train on shared base weights; "
+                             "call with_adapter(...) or drop shared_base()")
         if self._adapter is not None:
             a = self._adapter
             adapter = dict(a, targets=a["targets"] or ("qkv", "o", "gate_up", "down"))
@@ -140,7 +164,7 @@ class ModelBuilder:
                                     max_batch_size=max_batch_size, vocab=load_config(self._path).vocab_size)
             described = trainer.info
         else:
-            model = load_model(self._path, dtype=dtype, device=device)
+            model = self._load(dtype, device)
             if adapter is not None:
                 add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"])
             if self._activation_checkpointing:
@@ -167,8 +191,10 @@ class ModelBuilder:
                              "(sample(..., adapter=path)) or use create_sampling_client")
         from engine.infer import InferenceModel
 
-        return InferenceModel(self._path, max_batch_size=max_batch_size, dtype=dtype, device=device, tp=self._tp,
-                              tokenizer=_tokenizer(self._path), **kwargs)
+        kwargs.setdefault("base_model", self._name)
+        source = self._path if self._shared is None else self._load(dtype, device)
+        return InferenceModel(source, max_batch_size=max_batch_size, dtype=dtype, device=device, tp=self._tp,
+                              tokenizer=load_tokenizer(self._path), **kwargs)
 
     async def spawn_inference_async(self, max_batch_size: int = 2048, **kwargs):
         loop = asyncio.get_running_loop()
@@ -177,15 +203,6 @@ class ModelBuilder:
     async def spawn_train_async(self, max_batch_size: int, **kwargs) -> TrainingModel:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, functools.partial(self.spawn_train, max_batch_size, **kwargs))
-
-
-def _tokenizer(path: Path):
-    """The checkpoint's tokenizer when it ships one (enables string stop sequences)."""
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def model(path_or_name: str | Path) -> ModelBuilder:

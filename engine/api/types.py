@@ -1,4 +1,6 @@
-"""Data types of the training API, shaped after Tinker's SDK so recipes port with few changes.
+"""Data types of the training and sampling API, shaped after Tinker's SDK (``tinker.types``)
+so a recipe ports by changing only its client construction: ``from engine import types``
+stands for ``from tinker import types``.
 
 Objects of Tinker's own types are accepted by duck typing (no dependency on it): a model
 input with ``to_ints()`` or ``chunks`` of ``tokens``, loss inputs with ``to_torch()``,
@@ -13,22 +15,51 @@ import numpy as np
 import torch
 
 from engine.infer.scheduler import as_token_ids
-from engine.infer.types import Future  # noqa: F401 - re-exported: one future type for training and sampling
+# Re-exported, so this module holds every type a Tinker recipe names (``from engine import types``).
+from engine.infer.types import Future, SampledSequence, SampleResponse, SamplingParams  # noqa: F401
 
 
 @dataclass
-class ModelInput:
-    """The token ids of one sequence."""
+class EncodedTextChunk:
+    """A run of token ids inside a ModelInput (Tinker's chunk type for text)."""
 
     tokens: list[int]
+    type: str = "encoded_text"
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class ModelInput:
+    """The token ids of one sequence: ``ModelInput(tokens)``, ``ModelInput.from_ints(tokens)``
+    or, as Tinker writes it, ``ModelInput(chunks=[EncodedTextChunk(tokens=...), ...])`` (text
+    chunks only: image inputs are not supported). ``append(chunk)`` / ``append_int(t)`` return
+    a new ModelInput; ``chunks`` is one text chunk of all the tokens."""
+
+    def __init__(self, tokens: Sequence[int] | None = None, *, chunks: Sequence[Any] | None = None):
+        if tokens is not None and chunks is not None:
+            raise ValueError("give ModelInput tokens or chunks, not both")
+        if chunks is not None:
+            tokens = [t for i, c in enumerate(chunks) for t in _chunk_tokens(c, where=f"chunks[{i}]")]
+        # Checked where it is used (a float id fails that call's future, naming the datum).
+        self.tokens = list(tokens) if tokens is not None else []
 
     @classmethod
     def from_ints(cls, tokens: Sequence[int]) -> "ModelInput":
         """Ints only: a float (even 2.0) or a bool is refused, never truncated."""
         return cls(as_token_ids(tokens, where="tokens"))
 
+    @classmethod
+    def empty(cls) -> "ModelInput":
+        return cls([])
+
     def to_ints(self) -> list[int]:
         return list(self.tokens)
+
+    @property
+    def chunks(self) -> list[EncodedTextChunk]:
+        return [EncodedTextChunk(list(self.tokens))]
 
     @property
     def length(self) -> int:
@@ -36,6 +67,100 @@ class ModelInput:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def append(self, chunk: Any) -> "ModelInput":
+        return ModelInput(self.tokens + _chunk_tokens(chunk, where="chunk"))
+
+    def append_int(self, token: int) -> "ModelInput":
+        return ModelInput(self.tokens + as_token_ids([token], where="token"))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ModelInput) and self.tokens == other.tokens
+
+    def __repr__(self) -> str:
+        return f"ModelInput(tokens={self.tokens!r})"
+
+
+def _chunk_tokens(chunk: Any, *, where: str) -> list[int]:
+    if not hasattr(chunk, "tokens"):
+        raise ValueError(f"{where}: a chunk of type {type(chunk).__name__} has no tokens "
+                         f"(only text chunks are supported, not image inputs)")
+    return as_token_ids(chunk.tokens, where=f"{where}.tokens")
+
+
+_WIRE = {"float32": torch.float32, "int64": torch.int64}
+
+
+class TensorData:
+    """A tensor as Tinker hands one over (``tinker.TensorData``'s interface, without the
+    dependency): ``to_torch()``, ``to_numpy()``, ``tolist()``, ``data`` (flat list), ``dtype``
+    ("float32" or "int64", Tinker's two) and ``shape`` (list); made by ``from_torch``,
+    ``from_numpy`` or ``TensorData(data=..., dtype=..., shape=...)``. Holds one CPU tensor:
+    floating dtypes are widened or narrowed to float32, integers and bools to int64."""
+
+    __slots__ = ("_tensor",)
+
+    def __init__(self, data: Any = None, dtype: str | None = None, shape: Sequence[int] | None = None):
+        if dtype not in _WIRE:
+            raise ValueError(f"TensorData dtype must be 'float32' or 'int64', got {dtype!r}")
+        t = torch.as_tensor(np.asarray([] if data is None else data), dtype=_WIRE[dtype])
+        self._tensor = t.reshape(list(shape)) if shape is not None else t
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> "TensorData":
+        if not isinstance(tensor, torch.Tensor) or tensor.is_complex():
+            raise ValueError(f"TensorData.from_torch needs a real torch.Tensor, got {type(tensor).__name__}")
+        t = tensor.detach().cpu()
+        out = cls.__new__(cls)
+        out._tensor = t.float() if t.is_floating_point() else t.long()
+        return out
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> "TensorData":
+        array = np.asarray(array)
+        if array.dtype.kind not in "fiub":
+            raise ValueError(f"TensorData.from_numpy needs numbers, got a numpy array of {array.dtype}")
+        return cls.from_torch(torch.from_numpy(np.ascontiguousarray(array)))
+
+    @property
+    def dtype(self) -> str:
+        return "float32" if self._tensor.is_floating_point() else "int64"
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self._tensor.shape)
+
+    @property
+    def data(self) -> list:
+        return self._tensor.reshape(-1).tolist()
+
+    def to_torch(self) -> torch.Tensor:
+        return self._tensor
+
+    def to_numpy(self) -> np.ndarray:
+        return self._tensor.numpy()
+
+    def tolist(self) -> list:
+        return self._tensor.tolist()
+
+    def __repr__(self) -> str:
+        return f"TensorData(dtype={self.dtype!r}, shape={self.shape})"
+
+
+def as_tensor_data(value: Any) -> Any:
+    """A loss input as Tinker's Datum stores it: a torch tensor, numpy array or list of
+    numbers becomes a TensorData (keeping float or int: a float token id is refused later,
+    never truncated here); anything else (a TensorData, a value that holds no numbers) is
+    kept as given, for the training call to accept or refuse naming the datum and key."""
+    if isinstance(value, torch.Tensor):
+        return TensorData.from_torch(value) if not value.is_complex() and value.dtype != torch.bool else value
+    if isinstance(value, (list, tuple, np.ndarray)):
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged
+            return value
+        return TensorData.from_numpy(array) if array.dtype.kind in "fiu" else value
+    return value
 
 
 def as_ints(model_input: Any, *, where: str = "model_input") -> list[int]:
@@ -87,10 +212,15 @@ def _to_tensor(value: Any) -> torch.Tensor | None:
 class Datum:
     """One training sequence: ``model_input`` (N tokens) and ``loss_fn_inputs``, a dict of
     per-token arrays of length N; position i of ``target_tokens`` is the token that follows
-    position i of the input."""
+    position i of the input. As in Tinker, arrays given as torch tensors, numpy arrays or
+    lists are stored as :class:`TensorData` (``datum.loss_fn_inputs["weights"].to_torch()``)."""
 
     model_input: Any
     loss_fn_inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.loss_fn_inputs, dict):
+            self.loss_fn_inputs = {k: as_tensor_data(v) for k, v in self.loss_fn_inputs.items()}
 
 
 @dataclass
@@ -98,7 +228,7 @@ class AdamParams:
     """AdamW hyperparameters for one ``optim_step`` (torch.optim.AdamW semantics);
     ``grad_clip_norm`` > 0 clips the global gradient norm first."""
 
-    learning_rate: float
+    learning_rate: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-12
@@ -108,11 +238,13 @@ class AdamParams:
 
 @dataclass
 class ForwardBackwardOutput:
-    """``loss_fn_outputs``: one dict per datum (``logprobs`` [N] float32, or ``values`` for
-    a scoring model); ``metrics``: ``loss:sum`` and batch counters."""
+    """``loss_fn_outputs``: one dict per datum of :class:`TensorData` (``logprobs`` [N]
+    float32 of the target tokens, or ``values`` [N] for a scoring model); ``metrics``:
+    ``loss:sum`` and batch counters."""
 
-    loss_fn_outputs: list[dict[str, torch.Tensor]]
+    loss_fn_outputs: list[dict[str, TensorData]]
     metrics: dict[str, float]
+    loss_fn_output_type: str = "ArrayRecord"
 
     @property
     def loss(self) -> float:
@@ -122,3 +254,65 @@ class ForwardBackwardOutput:
 @dataclass
 class OptimStepOutput:
     metrics: dict[str, float]
+
+
+OptimStepResponse = OptimStepOutput  # Tinker's name
+
+
+@dataclass
+class SaveWeightsResponse:
+    """What ``save_state`` returns: ``path``, the absolute folder written. A path-like
+    object, so ``Path(result)`` and ``load_state(result)`` take it as it is."""
+
+    path: str
+    type: str = "save_weights"
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+@dataclass
+class SaveWeightsForSamplerResponse(SaveWeightsResponse):
+    """What ``save_weights_for_sampler`` returns: ``path``, the folder written (a PEFT
+    adapter, or a Hugging Face model folder); path-like, for ``create_sampling_client``."""
+
+    type: str = "save_weights_for_sampler"
+
+
+@dataclass
+class ModelData:
+    """arch: the Hugging Face architecture (config.json's ``architectures[0]``);
+    model_name: the name the model was built from; tokenizer_id: the folder its tokenizer
+    loads from (``AutoTokenizer.from_pretrained``), None when it ships none."""
+
+    arch: str | None = None
+    model_name: str | None = None
+    tokenizer_id: str | None = None
+
+
+@dataclass
+class GetInfoResponse:
+    """``TrainingModel.get_info()``: Tinker's fields (``model_id``, ``model_data``,
+    ``is_lora``, ``lora_rank``, ``model_name``), then this engine's: the optimizer ``step``,
+    ``tp``, ``dtype``, ``device``, ``max_batch_size``, the checkpoint ``path`` and
+    ``model_type``, ``scoring_model``, ``lora`` (rank, alpha, target_modules) or None,
+    parameter counts and ``activation_checkpointing``."""
+
+    model_id: str
+    model_data: ModelData
+    is_lora: bool
+    lora_rank: int | None
+    model_name: str
+    step: int
+    tp: int
+    dtype: str
+    device: str
+    max_batch_size: int
+    path: str
+    model_type: str
+    scoring_model: bool
+    lora: dict | None
+    parameters: int
+    trainable_parameters: int
+    activation_checkpointing: bool
+    type: str = "get_info"

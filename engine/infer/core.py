@@ -141,7 +141,7 @@ class EngineCore:
             # A sequence whose last token is in the step samples its next one.
             if first + n == len(tokens):
                 p = req.params
-                if p.max_tokens == 0:
+                if req.max_tokens == 0:
                     zero.append(seq)
                 else:
                     spec.rows.append(start + n - 1)
@@ -164,7 +164,7 @@ class EngineCore:
         # now; not for the last token of a sequence (nothing follows it).
         for k, seq in enumerate(owners):
             pos = None
-            if launched.overlapped and seq.num_generated + 1 < seq.req.params.max_tokens:
+            if launched.overlapped and seq.num_generated + 1 < seq.req.max_tokens:
                 seq.tokens.append(-1)
                 pos = len(seq.tokens) - 1
                 placeholders[seq] = (pos, k)
@@ -219,7 +219,7 @@ class EngineCore:
             text = self.tokenizer.decode(seq.tokens[len(req.prompt):pos + 1])
             if any(s in text for s in req.stop_strings):
                 reason = "stop"
-        if reason is None and pos + 1 - len(req.prompt) >= req.params.max_tokens:
+        if reason is None and pos + 1 - len(req.prompt) >= req.max_tokens:
             reason = "length"
         if reason is None:
             return

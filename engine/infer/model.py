@@ -14,6 +14,7 @@ import queue
 import threading
 import traceback
 from numbers import Real
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -39,7 +40,10 @@ class InferenceModel:
             the ranks then serve the shards they train, shared, not copied.
         max_batch_size: token budget of one step (prefill chunks + decoding tokens).
         dtype, device: when loading from a path.
-        tokenizer: optional, with ``encode``/``decode``: enables string stop sequences.
+        tokenizer: optional, with ``encode``/``decode``: enables string stop sequences, and
+            ``stop=None`` stops at its EOS token.
+        base_model: the name ``get_base_model()`` answers (default: the checkpoint folder,
+            or None for a loaded model).
         block_size: tokens per KV-cache block.
         kv_cache_tokens: cache size in tokens; default: on CUDA ``gpu_memory_fraction`` of
             the free memory, elsewhere 4 x max_batch_size.
@@ -57,7 +61,7 @@ class InferenceModel:
     def __init__(self, model_or_path, *, max_batch_size: int = 2048, dtype: torch.dtype | None = None, device=None,
                  tokenizer=None, block_size: int = 16, kv_cache_tokens: int | None = None,
                  gpu_memory_fraction: float = 0.9, max_adapters: int = 16, adapter=None,
-                 use_cuda_graphs: bool = True, tp: int = 1):
+                 use_cuda_graphs: bool = True, tp: int = 1, base_model: str | None = None):
         sizes = dict(max_batch_size=max_batch_size, tp=tp, block_size=block_size, max_adapters=max_adapters,
                      kv_cache_tokens=1 if kv_cache_tokens is None else kv_cache_tokens)
         for name, value in sizes.items():
@@ -81,6 +85,8 @@ class InferenceModel:
         self.tp = 1 if local else executor.tp
         self.model = executor.runner.model if local else None  # None: the shards live in the rank processes
         self.tokenizer = tokenizer
+        self.base_model = base_model if base_model is not None or not isinstance(model_or_path, (str, Path)) \
+            else str(model_or_path)
         self.cache = executor.blocks  # the host view: block ids and allocator
         self.scheduler = self._core.scheduler
         self.stats = self._core.stats
@@ -101,8 +107,8 @@ class InferenceModel:
 
     # ------------------------------------------------------------------ public API
 
-    def sample(self, prompt, num_samples: int = 1, sampling_params: SamplingParams | dict | None = None, *,
-               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, adapter=None) -> Future:
+    def sample(self, prompt, num_samples: int = 1, sampling_params: SamplingParams | dict | None = None,
+               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *, adapter=None) -> Future:
         """Future of a :class:`SampleResponse` with ``num_samples`` continuations of ``prompt``
         (list of ids, or an object with ``to_ints()``); ``sampling_params``: a SamplingParams
         or a dict of its fields; ``adapter``: a PEFT adapter folder."""
@@ -119,6 +125,23 @@ class InferenceModel:
 
     async def compute_logprobs_async(self, *args, **kwargs) -> list:
         return await self.compute_logprobs(*args, **kwargs)
+
+    def get_tokenizer(self):
+        """The tokenizer given at construction (Tinker's SamplingClient.get_tokenizer)."""
+        if self.tokenizer is None:
+            raise ValueError("this sampling client has no tokenizer (its checkpoint folder ships none; "
+                             "pass tokenizer= to InferenceModel)")
+        return self.tokenizer
+
+    def get_base_model(self) -> str:
+        """The name of the base model this client samples (Tinker's SamplingClient.get_base_model)."""
+        if self.base_model is None:
+            raise ValueError("this sampling client was made from a loaded model without a name; "
+                             "pass base_model= to InferenceModel")
+        return self.base_model
+
+    async def get_base_model_async(self) -> str:
+        return self.get_base_model()
 
     def update_weights(self, state_dict: dict[str, torch.Tensor] | Iterable | None = None) -> Future:
         """Copy ``state_dict`` (names as in ``model.state_dict()``; pairs accepted) into the

@@ -72,6 +72,14 @@ def as_sampling_params(params: Any) -> SamplingParams:
     return params
 
 
+def eos_ids(tokenizer) -> list[int]:
+    """The EOS token id(s) of a tokenizer (none without one): what ``stop=None`` stops at."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
 def resolve_adapter(adapter) -> str:
     """The resolved folder of a PEFT adapter given as a path."""
     path = Path(adapter)
@@ -88,6 +96,7 @@ class Request:
     prompt: list[int]
     num_samples: int
     params: SamplingParams
+    max_tokens: int  # params.max_tokens, None resolved
     stop_ids: frozenset
     stop_strings: tuple
     seeds: list[int]
@@ -130,14 +139,18 @@ class Request:
             raise ValueError(f"prompt holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if not isinstance(p.max_tokens, int) or p.max_tokens < 0:
-            raise ValueError(f"sampling_params.max_tokens must be a non-negative int, got {p.max_tokens!r}")
+        max_tokens = p.max_tokens
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 0):
+            raise ValueError(f"sampling_params.max_tokens must be a non-negative int or None, got {max_tokens!r}")
         ctx = config.max_position_embeddings
-        if len(tokens) + p.max_tokens > ctx:
-            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({p.max_tokens}) exceeds the model's "
+        if max_tokens is None:  # all that is left: at least one token
+            max_tokens = max(min(ctx, capacity_tokens) - len(tokens), 1)
+        if len(tokens) + max_tokens > ctx:
+            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                              f"context of {ctx} tokens")
-        if len(tokens) + p.max_tokens > capacity_tokens:
-            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({p.max_tokens}) exceeds the KV cache "
+        if len(tokens) + max_tokens > capacity_tokens:
+            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the KV cache "
                              f"({capacity_tokens} tokens); raise kv_cache_tokens")
         if not isinstance(p.temperature, Real) or not p.temperature >= 0:
             raise ValueError(f"sampling_params.temperature must be >= 0, got {p.temperature!r}")
@@ -147,7 +160,7 @@ class Request:
             raise ValueError(f"sampling_params.top_k must be an int (-1: all), got {p.top_k!r}")
         if not isinstance(topk_prompt_logprobs, int) or topk_prompt_logprobs < 0:
             raise ValueError(f"topk_prompt_logprobs must be a non-negative int, got {topk_prompt_logprobs!r}")
-        stops = [] if p.stop is None else [p.stop] if isinstance(p.stop, (int, str)) else list(p.stop)
+        stops = eos_ids(tokenizer) if p.stop is None else [p.stop] if isinstance(p.stop, (int, str)) else list(p.stop)
         stop_ids = frozenset(s for s in stops if isinstance(s, int) and not isinstance(s, bool))
         stop_strings = tuple(s for s in stops if isinstance(s, str))
         if len(stop_ids) + len(stop_strings) != len(stops):
@@ -161,7 +174,7 @@ class Request:
         if adapter is not None:
             adapter = resolve_adapter(adapter)
         seed = p.seed.__index__() if p.seed is not None else random.getrandbits(63)
-        return cls(id=id, prompt=tokens, num_samples=num_samples, params=p, stop_ids=stop_ids,
+        return cls(id=id, prompt=tokens, num_samples=num_samples, params=p, max_tokens=max_tokens, stop_ids=stop_ids,
                    stop_strings=stop_strings, seeds=[derive_seed(seed, i) for i in range(num_samples)],
                    future=future, include_prompt_logprobs=include_prompt_logprobs,
                    topk_prompt_logprobs=topk_prompt_logprobs, adapter=adapter, logprobs_only=logprobs_only,

@@ -11,19 +11,21 @@ from typing import Any, Sequence
 class SamplingParams:
     """How to sample one continuation.
 
-    max_tokens: new tokens at most (stop_reason "length" when reached).
+    max_tokens: new tokens at most (stop_reason "length" when reached); None (Tinker's
+        default): as many as the model's context and the KV cache leave after the prompt.
     temperature: 0 means greedy (argmax); otherwise logits are divided by it.
     top_k: keep the k most likely tokens (-1 or 0: all).
     top_p: then keep the smallest set of most likely tokens whose probability (after
         top-k, renormalised) reaches top_p (1.0: all).
     stop: token ids (ints), or non-empty strings when the model has a tokenizer;
         generation ends after emitting a stop token (kept in the output) with stop_reason
-        "stop". None means only max_tokens ends a sequence (EOS is not special).
+        "stop". None (as Tinker): the tokenizer's EOS token stops (a model without a
+        tokenizer has none); ``[]``: nothing stops a sequence before max_tokens.
     seed: an int; makes the sampled tokens reproducible, independently of what else runs
         in the same batch; None draws a fresh seed per request.
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -63,7 +65,9 @@ class SampleResponse:
 
 
 class Future:
-    """``.result(timeout)``, ``.done()``, ``.exception()``, ``await fut``. An error of one
+    """``.result(timeout)``, ``await fut`` or ``await fut.result_async(timeout)``, ``.done()``,
+    ``.exception()``, and ``.future()``: the ``concurrent.futures.Future`` underneath (for
+    ``concurrent.futures.wait`` / ``as_completed``), as Tinker's APIFuture. An error of one
     request is raised here; the engine keeps serving the others."""
 
     def __init__(self, inner: concurrent.futures.Future | None = None):
@@ -78,8 +82,17 @@ class Future:
     def exception(self, timeout: float | None = None):
         return self._inner.exception(timeout)
 
-    async def result_async(self) -> Any:
-        return await asyncio.wrap_future(self._inner)
+    async def result_async(self, timeout: float | None = None) -> Any:
+        """The result, awaited on the running event loop; TimeoutError after ``timeout`` s
+        (the call itself goes on: a timeout or a cancelled await never cancels it)."""
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._inner)), timeout)
+
+    def future(self) -> concurrent.futures.Future:
+        return self._inner
+
+    async def coroutine(self) -> Any:
+        """This future as a coroutine (for ``asyncio.create_task``)."""
+        return await self.result_async()
 
     def __await__(self):
         return self.result_async().__await__()

@@ -1,12 +1,14 @@
 """Llama / Qwen2 / Qwen3 / Mistral models from Hugging Face config.json + safetensors."""
 from __future__ import annotations
 
+import copy
+import itertools
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .checkpoint import CheckpointError, load_weights, read_config, weight_map
+from .checkpoint import CheckpointError, load_tokenizer, load_weights, read_config, weight_map
 from .config import ConfigError, LlamaConfig, MistralConfig, ModelConfig, Qwen2Config, Qwen3Config
 from .lora import LoRAConfig, LoRALinear, add_lora
 from .packing import PackedBatch
@@ -77,10 +79,20 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device=Non
     return model.eval()
 
 
+def share_weights(model: Transformer) -> Transformer:
+    """A copy of ``model``'s modules whose parameters and buffers are ``model``'s own tensors
+    (no weight is copied). Adapters attached to the copy (``add_lora``, ``set_adapter_stack``
+    replace its projection modules) leave ``model`` and its other copies unchanged, so several
+    LoRA trainers and a sampler can run on one set of base weights; an in-place change of a
+    shared tensor (full-weight training) is seen by all of them."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 __all__ = [
     "CheckpointError", "ConfigError", "LlamaConfig", "LoRAConfig", "LoRALinear", "MistralConfig", "ModelConfig",
     "PackedBatch", "Qwen2Config", "Qwen3Config", "Transformer", "adapter_stamp", "adapter_tensors", "add_lora",
-    "build_model", "load_config", "load_model", "load_peft_lora", "lora_state_dict_to_peft", "parse_config",
-    "peft_config", "read_peft_adapter", "read_peft_snapshot", "register", "save_peft_lora", "set_adapter_stack",
-    "supported_model_types", "weight_map",
+    "build_model", "load_config", "load_model", "load_peft_lora", "load_tokenizer", "lora_state_dict_to_peft",
+    "parse_config", "peft_config", "read_peft_adapter", "read_peft_snapshot", "register", "save_peft_lora",
+    "set_adapter_stack", "share_weights", "supported_model_types", "weight_map",
 ]

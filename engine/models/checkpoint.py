@@ -202,3 +202,20 @@ def stored_dtypes(folder: Path) -> dict[str, int]:
         for meta in SafetensorsFile(path).entries.values():
             counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + 1
     return counts
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(path: str | Path, *, required: bool = False):
+    """The transformers tokenizer a checkpoint folder ships (``AutoTokenizer``), or None when
+    it has no tokenizer files; ``required=True`` raises instead, naming the files looked for."""
+    folder = Path(path)
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        if required:
+            raise ValueError(f"{str(folder)!r}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in the "
+                             f"checkpoint folder")
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -53,12 +53,58 @@ def hf_model(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32)
 
 
 def save_random_checkpoint(folder: str | Path, config: dict | str = "llama", *, seed: int = 0,
-                           dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **overrides) -> Path:
+                           dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
+                           tokenizer: bool = False, **overrides) -> Path:
     """Write a random checkpoint with ``save_pretrained``. ``config`` is a family name
-    from TINY or a full config dict; ``overrides`` change single fields."""
+    from TINY or a full config dict; ``overrides`` change single fields. ``tokenizer``: also
+    write :func:`byte_tokenizer` (ids 0-258, so any vocabulary of 259 or more fits it)."""
     base = TINY[config] if isinstance(config, str) else config
-    model = hf_model({**base, **overrides}, seed=seed, dtype=dtype)
+    fields = {**base, **overrides}
+    model = hf_model(fields, seed=seed, dtype=dtype)
     folder = Path(folder)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    if tokenizer:
+        tok = byte_tokenizer()
+        if fields["vocab_size"] < len(tok):
+            raise ValueError(f"tokenizer=True needs vocab_size >= {len(tok)}, got {fields['vocab_size']}")
+        model.generation_config.eos_token_id = tok.eos_token_id
+        tok.save_pretrained(folder)
     model.save_pretrained(folder, **kwargs)
     return folder
+
+
+# Special tokens of the byte tokenizer, after the 256 byte tokens: end of text (EOS and
+# padding) and ChatML's turn markers, so chat templates render.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's map from a byte to a printable character (byte-level BPE's alphabet): a
+    printable Latin-1 byte stands for itself, the others for chr(256 + n) in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    out, moved = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b], moved = chr(256 + moved), moved + 1
+    return out
+
+
+def byte_tokenizer():
+    """A transformers tokenizer with no download: token id = byte value (0-255) of the
+    UTF-8 text (byte-level, no merges), then SPECIAL_TOKENS as ids 256, 257, 258; EOS is
+    ``<|endoftext|>`` and a ChatML chat template is set."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in _byte_chars().items()}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[0],
+                                  additional_special_tokens=list(SPECIAL_TOKENS[1:]))
+    tok.chat_template = _CHAT_TEMPLATE
+    return tok

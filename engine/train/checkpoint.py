@@ -47,7 +47,7 @@ _STATE_FILE = re.compile(r"^state-[0-9]+-[0-9a-f]+(\.tp[0-9]+-rank[0-9]+)?\.safe
 _ADAM = ("step", "exp_avg", "exp_avg_sq")
 # Files a sampler export copies from the base checkpoint when present.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                    "vocab.json", "merges.txt", "generation_config.json")
+                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
 
 def _layout(trainer) -> tuple[int, int]:
