@@ -21,10 +21,10 @@ two things changed and nothing else:
 Then ``ptxas -v`` (the wheel's, through the backend's own ``make_cubin``: same arch,
 sm_90a where Triton uses it, same options) reports each distinct compiled kernel's
 registers and spills (kept in Triton's cache beside the kernel). Families run in a pool
-of ``--jobs`` processes (2 by default). One table row per kernel:
-family, kernel, dtype, config (warps, stages, tile constexprs and set flags), shared bytes
-(Triton's ``metadata.shared``), registers, spill bytes (stores + loads), wgmma (in the
-PTX). Exit status 1 when a compile fails, or when a bf16/fp16 kernel (one with a bf16 or
+of ``--jobs`` processes (2 by default). One table row per kernel: family, kernel, dtype,
+config (warps, stages, tile constexprs, set flags, integers specialised to 1), shared
+bytes (Triton's ``metadata.shared``), registers, spill bytes (stores + loads), wgmma (in
+the PTX). Exit status 1 when a compile fails, or when a bf16/fp16 kernel (one with a bf16 or
 fp16 pointer argument) spills or needs more than 232,448 B of shared memory (the H100's
 per-block maximum); float32 kernels may spill (reported, marked "fp32 spill ok").
 
