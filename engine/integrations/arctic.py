@@ -24,9 +24,10 @@ What maps and what does not:
 
 - ``dtype``: the parameters' dtype (the kernels compute in it). ``attn_implementation`` is
   ignored: attention is always the engine's varlen kernel.
-- ``peft_config`` with ``peft_type: LORA``: the engine's own LoRA on the same target modules
-  (``EngineForCausalLM.add_adapter``; peft's ``get_peft_model`` cannot wrap the fused q/k/v
-  and gate/up projections). Other PEFT types raise.
+- ``peft_config`` with ``peft_type: Lora`` (ArcticTraining's spelling: peft's config class
+  prefix): the engine's own LoRA on the same target modules (``EngineForCausalLM.add_adapter``;
+  peft's ``get_peft_model`` cannot wrap the fused q/k/v and gate/up projections). Other PEFT
+  types raise.
 - Activation checkpointing (on unless ``disable_activation_checkpoint``): per decoder block.
 - Refused with a clear error: ``sequence_parallel_size`` > 1 (Arctic's Ulysses path calls the
   transformers body and LM head separately) and ZeRO stage 3 (the fused LM-head loss reads
@@ -83,7 +84,7 @@ class EngineModelFactory(ModelFactory):
         if self.config.peft_config is not None:
             peft_type = str(self.config.peft_config["peft_type"]).upper()
             if peft_type != "LORA":
-                raise ValueError(f"model.peft_config.peft_type must be 'LORA' with model type 'engine', "
+                raise ValueError(f"model.peft_config.peft_type must be 'Lora' with model type 'engine', "
                                  f"got {self.config.peft_config['peft_type']!r}")
             model.add_adapter(self.config.peft_config_obj)
         if not self.config.disable_activation_checkpoint:
