@@ -69,8 +69,8 @@ class EngineModelFactory(ModelFactory):
         trainer_config = self.trainer.config
         if trainer_config.sequence_parallel_size != 1:
             raise ValueError(f"sequence_parallel_size must be 1 with model type 'engine', got "
-                             f"{trainer_config.sequence_parallel_size} (packed batches need no sequence parallelism "
-                             f"to avoid padding; Ulysses SP calls the transformers body directly)")
+                             f"{trainer_config.sequence_parallel_size} (ArcticTraining's Ulysses path calls a "
+                             f"transformers body and LM head separately, which this model does not expose)")
         if trainer_config.zero_3_enabled:
             raise ValueError("deepspeed.zero_optimization.stage must be 0, 1 or 2 with model type 'engine', got 3 "
                              "(the fused LM-head loss reads the head's weight outside ZeRO-3's gathered forward)")
