@@ -25,6 +25,7 @@ areal = pytest.importorskip(
 
 from areal.api.cli_args import (GenerationHyperparameters, InferenceEngineConfig, MicroBatchSpec,  # noqa: E402
                                 OptimizerConfig, PPOActorConfig, TrainEngineConfig)
+from areal.api.alloc_mode import ParallelStrategy  # noqa: E402
 from areal.api.engine_api import InferenceEngine, TrainEngine  # noqa: E402
 from areal.api.io_struct import FinetuneSpec, ModelRequest, SaveLoadMeta, WeightUpdateMeta  # noqa: E402
 from areal.api.workflow_api import RolloutWorkflow  # noqa: E402
@@ -111,7 +112,9 @@ def test_ppo_actor_steps_through_engine(checkpoint, tmp_path):
     data = actor.compute_advantages([data])[0]
     before = [p.detach().clone() for p in eng.model.parameters()]
     actor.ppo_update([data])
-    assert eng.get_version() == 0
+    assert eng.get_version() == 0 and eng.get_device_stats().mem_total >= 0
+    with pytest.raises(ValueError, match="one process"):
+        eng.create_process_group(ParallelStrategy(data_parallel_size=2))
     moved = sum(not torch.equal(a, p) for a, p in zip(before, eng.model.parameters()))
     assert moved == len(before)
     # Saved weights (and optimizer) round-trip.
@@ -163,7 +166,7 @@ def test_workflow_rollout_trains_and_updates_weights(checkpoint, tmp_path):
         actor.ppo_update(actor.compute_advantages(batch))
         eng.update_weights(WeightUpdateMeta(type="disk", path=str(tmp_path / "w"), version=1))
         eng.set_version(1)
-        assert rollout.get_version() == 1
+        assert rollout.get_version() == 1 and not (tmp_path / "w").exists()  # clear_checkpoint_after_load
         served = dict(rollout.infer.model.named_parameters())
         for name, p in eng.model.model.named_parameters():
             torch.testing.assert_close(served[name], p, rtol=0, atol=0)

@@ -126,7 +126,8 @@ class EngineTrainEngine(TrainEngine):
         """One process: data-parallel size 1 (the engine's own tp/dp runs through
         ``engine.model(...).spawn_train``, not AReaL's launcher)."""
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        sizes = [getattr(parallel_strategy, k, 1) or 1 for k in ("dp_size", "tp_size", "pp_size", "cp_size")]
+        sizes = [getattr(parallel_strategy, f"{k}_parallel_size", 1) or 1
+                 for k in ("data", "tensor", "pipeline", "context", "expert")]
         if world > 1 or any(s > 1 for s in sizes):
             raise ValueError(f"EngineTrainEngine runs in one process (data_parallel_world_size=1); got a "
                              f"torch.distributed world of {world} and parallel_strategy={parallel_strategy!r}")
@@ -396,6 +397,9 @@ class EngineTrainEngine(TrainEngine):
             raise ValueError(f"WeightUpdateMeta.type must be 'disk', got {meta.type!r}")
         if not meta.path:
             raise ValueError("WeightUpdateMeta.path must name the folder to write the weights to")
+        if self.config.use_lora or meta.use_lora:
+            raise ValueError("disk weight updates carry full weights; under LoRA save the adapter (save) and "
+                             "serve its folder with InferenceModel(adapter=...)")
         rollout = self._rollout()
         rollout.pause_generation()
         try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import shutil
 import threading
 import uuid
 from typing import Any, Callable
@@ -87,6 +88,7 @@ class EngineInferenceEngine(InferenceEngine):
         self._running = threading.Event()
         self._running.set()
         self._executor: WorkflowExecutor | None = None
+        self._owns_model = False
         self.logger = logging.getLogger("EngineInferenceEngine")
 
     def initialize(self, engine_id: str | None = None, addr=None, train_data_parallel_size: int | None = None,
@@ -99,7 +101,8 @@ class EngineInferenceEngine(InferenceEngine):
         if model is None and not self.model_path:
             raise ValueError("EngineInferenceEngine needs model_path= (a Hugging Face folder) or initialize(model=...)")
         source = self.model_path if model is None else model
-        self.infer = source if isinstance(source, InferenceModel) else InferenceModel(source, **self.infer_kwargs)
+        self._owns_model = not isinstance(source, InferenceModel)  # destroy() closes only a sampler of ours
+        self.infer = InferenceModel(source, **self.infer_kwargs) if self._owns_model else source
         self._versions = {self.infer.version: self._version}
         self.engine_id = engine_id or uuid.uuid4().hex
         self._executor = WorkflowExecutor(config=self.config, inference_engine=self)
@@ -114,9 +117,9 @@ class EngineInferenceEngine(InferenceEngine):
         if self._executor is not None:
             self._executor.destroy()
             self._executor = None
-        if self.infer is not None:
+        if self.infer is not None and self._owns_model:
             self.infer.close()
-            self.infer = None
+        self.infer = None
 
     @property
     def workflow_executor(self) -> WorkflowExecutor:
@@ -156,7 +159,8 @@ class EngineInferenceEngine(InferenceEngine):
     def update_weights_from_disk(self, meta: WeightUpdateMeta) -> concurrent.futures.Future:
         """Load the Hugging Face folder ``meta.path`` (full weights, as ``EngineTrainEngine``
         writes them) into the served model between two steps; future of None. The version
-        becomes ``meta.version``, else the current one plus 1."""
+        becomes ``meta.version``, else the current one plus 1; the folder is removed once
+        read when ``meta.clear_checkpoint_after_load`` (AReaL's default)."""
         if meta.type != "disk" or not meta.path:
             raise ValueError(f"update_weights_from_disk needs WeightUpdateMeta(type='disk', path=folder), got "
                              f"type={meta.type!r} path={meta.path!r}")
@@ -167,6 +171,8 @@ class EngineInferenceEngine(InferenceEngine):
         served = next(iter(infer.model.parameters())) if infer.model is not None else None
         fresh = load_model(meta.path, dtype=None if served is None else served.dtype,
                            device=None if served is None else served.device)
+        if meta.clear_checkpoint_after_load:
+            shutil.rmtree(meta.path, ignore_errors=True)
         version = meta.version if meta.version is not None else self._version + 1
         done: concurrent.futures.Future = concurrent.futures.Future()
 
