@@ -9,6 +9,7 @@ and put first on sys.path here; without that folder the module is skipped.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+_POLICY = asyncio.get_event_loop_policy()  # areal.api.cli_args calls uvloop.install() on import
 SITE = Path(os.environ.get("ENGINE_AREAL_SITE", Path.home() / ".cache" / "engine-areal-site"))
 if SITE.is_dir() and str(SITE) not in sys.path:
     sys.path.insert(0, str(SITE))
@@ -33,6 +35,8 @@ from areal.trainer.ppo.actor import PPOActor  # noqa: E402
 from areal.utils.dynamic_import import import_from_string  # noqa: E402
 
 from engine.integrations.areal import EngineInferenceEngine, EngineTrainEngine, micro_batches  # noqa: E402
+
+asyncio.set_event_loop_policy(_POLICY)  # the rest of the test run keeps asyncio's own loops
 
 VOCAB = 259  # the tiny preset's vocabulary
 
@@ -87,11 +91,22 @@ def test_micro_batches_follow_spec():
 def test_forward_batch_same_for_any_micro_batch_split(checkpoint):
     folder = checkpoint("qwen2")
     data = padded_batch([7, 12, 1, 9, 4], prompt=1)
-    ref = train_engine(folder).forward_batch(data)
+    one = train_engine(folder)
+    ref = one.forward_batch(data)
     assert ref.shape == data["input_ids"].shape and ref.dtype == torch.float32
+
+    def nll(logprobs, entropy, mb):  # a normalised per-micro-batch loss, as AReaL's losses are
+        mask = mb["loss_mask"].roll(-1).bool()
+        return -logprobs[mask].mean()
+
+    def weight(mb):
+        return mb["loss_mask"].count_nonzero()
+
+    ref_loss = one.eval_batch(data, nll, weight)
     for spec in ({"n_mbs": 3}, {"max_tokens_per_mb": 13}, {"n_mbs": 5, "granularity": 1}):
-        out = train_engine(folder, **spec).forward_batch(data)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        eng = train_engine(folder, **spec)
+        torch.testing.assert_close(eng.forward_batch(data), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(eng.eval_batch(data, nll, weight), ref_loss, rtol=1e-5, atol=1e-6)
     # Against the transformers model: logprob of the next token at each kept position.
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -174,3 +189,27 @@ def test_workflow_rollout_trains_and_updates_weights(checkpoint, tmp_path):
         assert (again[0]["versions"][again[0]["loss_mask"].bool()] == 1).all()
     finally:
         rollout.destroy()
+
+
+def test_engine_creation_endpoint():
+    """AReaL's worker endpoint (POST /create_engine, as TrainController / RolloutController
+    call it with the class's dotted path) builds both engines."""
+    import flask
+    from areal.infra.rpc.guard import engine_blueprint as eb
+    from areal.infra.rpc.serialization import serialize_value
+
+    app = flask.Flask(__name__)
+    app.register_blueprint(eb.engine_bp)
+    client = app.test_client()
+    try:
+        for cls, cfg in ((EngineTrainEngine, TrainEngineConfig(backend="engine")),
+                         (EngineInferenceEngine, InferenceEngineConfig(backend="engine"))):
+            name = f"{cls.__name__}/0"
+            r = client.post("/create_engine", json={"engine": f"{cls.__module__}.{cls.__name__}",
+                                                    "engine_name": name,
+                                                    "init_kwargs": serialize_value({"config": cfg})})
+            assert r.status_code == 200, r.get_json()
+            made = eb._engines.pop(name)
+            assert type(made) is cls and type(made.config) is type(cfg) and made.config.backend == "engine"
+    finally:
+        eb.cleanup_engine_thread()
