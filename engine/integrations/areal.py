@@ -23,13 +23,11 @@ One ``train_batch(input_, loss_fn, loss_weight_fn)``, hop by hop:
    halved until there are at least ``n_mbs`` (and a multiple of ``n_mbs_divisor`` where the
    sequences allow). A sequence over the budget raises (AReaL's outputs must cover every
    sequence, so nothing is dropped).
-3. Each micro-batch is packed with AReaL's ``pack_tensor_dict`` (the 1-D dict its loss
-   functions expect: per-token tensors ``[T]``, ``cu_seqlens``, ``max_seqlen``); the packed
-   tokens run through the engine's varlen model (no padding FLOPs), and the fused LM-head
-   kernel (``kernels.linear_logprobs``) gives the logprob of the next token at each
-   position, and the entropy, at ``config.temperature``, without a ``[T, vocab]`` tensor.
-   The last token of each sequence predicts nothing and gets 0 (AReaL masks it: its
-   ``loss_mask`` is rolled by one).
+3. Each micro-batch is packed with AReaL's ``pack_tensor_dict`` (the 1-D dict its losses
+   expect: per-token ``[T]``, ``cu_seqlens``, ``max_seqlen``) and runs through the engine's
+   varlen model (no padding FLOPs); the fused LM-head kernel (``kernels.linear_logprobs``)
+   gives each position's next-token logprob and entropy at ``config.temperature`` with no
+   ``[T, vocab]`` tensor; a sequence's last token gets 0 (AReaL rolls its ``loss_mask``).
 4. ``loss_fn(logprobs, entropy, mb)`` is scaled by ``loss_weight_fn(mb) / total weight``
    (global normalisation over the batch, as AReaL's FSDP engine) and back-propagated.
 5. ``optimizer_step``: AdamW with ``config.optimizer`` (gradient clipping; a non-finite
@@ -301,9 +299,8 @@ class EngineTrainEngine(TrainEngine):
         return result if meta is None else split_batch(result, meta)
 
     def forward_backward_batch(self, mb_list, process_output_fn, forward_only: bool = False) -> None:
-        """AReaL's hook on a MicroBatchList with ``process_output_fn(logits, ctx)``: it takes
-        ``[T, vocab]`` logits, which this engine never forms; use ``train_batch`` /
-        ``forward_batch``, which hand the loss the per-token logprobs instead."""
+        """AReaL's hook takes ``[T, vocab]`` logits, which this engine never forms; use
+        ``train_batch`` / ``forward_batch`` (they hand the loss per-token logprobs)."""
         raise NotImplementedError("EngineTrainEngine computes logprobs in the fused LM-head kernel and never forms "
                                   "logits: use train_batch / eval_batch / forward_batch")
 
@@ -422,10 +419,10 @@ class EngineTrainEngine(TrainEngine):
         return stats_tracker.export_all(reduce_group=None)
 
     def offload(self) -> None:
-        """Nothing to offload: the model stays where it was loaded."""
+        """Nothing to offload (nor, in ``onload``, to bring back): the model stays where it was loaded."""
 
     def onload(self) -> None:
-        """Nothing to onload (see ``offload``)."""
+        pass
 
     def get_device_stats(self) -> DeviceRuntimeInfo:
         return DeviceRuntimeInfo.get_current()
