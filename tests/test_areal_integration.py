@@ -213,3 +213,24 @@ def test_engine_creation_endpoint():
             assert type(made) is cls and type(made.config) is type(cfg) and made.config.backend == "engine"
     finally:
         eb.cleanup_engine_thread()
+
+
+def test_lora_train_save_load(checkpoint, tmp_path):
+    """use_lora: the engine's LoRA is trained and saved / loaded in PEFT's format."""
+    cfg = dict(path=str(checkpoint("qwen2")), dtype="float32", backend="engine", use_lora=True, lora_rank=4,
+               lora_alpha=8, target_modules=["q_proj", "v_proj"], optimizer=OptimizerConfig(lr=1e-2))
+    engines = [EngineTrainEngine(TrainEngineConfig(**cfg)) for _ in range(2)]
+    for eng in engines:
+        eng.create_process_group()
+        eng.initialize(None, FinetuneSpec(total_train_epochs=1, dataset_size=8, train_batch_size=4))
+    data = padded_batch([7, 9, 5], seed=2)
+    before = engines[0].forward_batch(data)
+    stats = engines[0].train_batch(data, lambda lp, ent, mb: -lp[mb["loss_mask"].roll(-1).bool()].mean(),
+                                   lambda mb: mb["loss_mask"].count_nonzero())
+    assert stats["update_successful"] == 1.0 and stats["grad_norm"] > 0
+    after = engines[0].forward_batch(data)
+    assert not torch.allclose(after, before)
+    engines[0].save(SaveLoadMeta(path=str(tmp_path / "lora"), weight_format="hf", with_optim=True))
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    engines[1].load(SaveLoadMeta(path=str(tmp_path / "lora"), weight_format="hf", with_optim=True))
+    torch.testing.assert_close(engines[1].forward_batch(data), after, rtol=1e-5, atol=1e-6)

@@ -247,20 +247,20 @@ class EngineTrainEngine(TrainEngine):
         """Steps 1-5 of the module docstring; AReaL's stats: ``update_successful``,
         ``grad_norm``, ``lr``, ``num_micro_batches``."""
         self.optimizer_zero_grad()
-        self._run_loss(input_, loss_fn, loss_weight_fn, backward=True)
+        _, n_mbs = self._run_loss(input_, loss_fn, loss_weight_fn, backward=True)
         stats = self.optimizer_step()
-        stats["num_micro_batches"] = float(self._last_mbs)
+        stats["num_micro_batches"] = float(n_mbs)
         return stats
 
     @torch.no_grad()
     def eval_batch(self, input_, loss_fn: Callable[..., torch.Tensor],
                    loss_weight_fn: Callable[[dict], torch.Tensor]) -> torch.Tensor | None:
         """The globally weighted loss of ``loss_fn`` over the batch (a 0-dim tensor)."""
-        return self._run_loss(input_, loss_fn, loss_weight_fn, backward=False)
+        return self._run_loss(input_, loss_fn, loss_weight_fn, backward=False)[0]
 
-    def _run_loss(self, input_, loss_fn, loss_weight_fn, backward: bool) -> torch.Tensor:
+    def _run_loss(self, input_, loss_fn, loss_weight_fn, backward: bool) -> tuple[torch.Tensor, int]:
+        """(the weighted loss, the number of micro-batches), steps 1-4."""
         _, _, bins, mbs = self._split(input_)
-        self._last_mbs = len(mbs)
         weights = [torch.as_tensor(loss_weight_fn(mb), dtype=torch.float32) for mb in mbs]
         total = torch.stack(weights).sum()
         if not float(total) > 0:
@@ -274,7 +274,7 @@ class EngineTrainEngine(TrainEngine):
             if backward:
                 loss.backward()
             out += loss.detach()
-        return out
+        return out, len(mbs)
 
     @torch.no_grad()
     def forward_batch(self, input_, output_seqlens: list[int] | None = None,
