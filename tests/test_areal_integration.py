@@ -234,3 +234,35 @@ def test_lora_train_save_load(checkpoint, tmp_path):
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     engines[1].load(SaveLoadMeta(path=str(tmp_path / "lora"), weight_format="hf", with_optim=True))
     torch.testing.assert_close(engines[1].forward_batch(data), after, rtol=1e-5, atol=1e-6)
+
+
+def odd_length_reward(prompt, completion, prompt_ids, completion_ids, **data):
+    return float(len(completion_ids) % 2)
+
+
+def test_areal_rlvr_workflow(checkpoint):
+    """AReaL's own RLVRWorkflow (reward function, stop/pad ids from the tokenizer) through
+    EngineInferenceEngine, grouped as GRPO groups its samples."""
+    from areal.workflow.rlvr import RLVRWorkflow
+
+    from engine.models.presets import byte_tokenizer
+
+    rollout = EngineInferenceEngine(InferenceEngineConfig(backend="engine", consumer_batch_size=2),
+                                    model_path=str(checkpoint("qwen2")), dtype=torch.float32, max_batch_size=256,
+                                    kv_cache_tokens=512)
+    rollout.initialize()
+    try:
+        workflow = RLVRWorkflow(reward_fn=odd_length_reward, gconfig=GenerationHyperparameters(max_new_tokens=6),
+                                tokenizer=byte_tokenizer(), get_input_ids_fn=lambda text, tok, thinking: tok.encode(text),
+                                data_extract_prompt_fn=lambda d: d["question"])
+        out = rollout.rollout_batch([{"question": "abc"}, {"question": "hello"}], workflow, group_size=2)
+        prompts = set()
+        for traj in out:
+            assert traj["input_ids"].shape[0] == 2 and traj["rewards"].shape == (2,)
+            n_out = traj["loss_mask"].sum(-1)
+            n_in = traj["attention_mask"].sum(-1) - n_out
+            prompts |= {bytes(row[:k].tolist()).decode() for row, k in zip(traj["input_ids"], n_in.tolist())}
+            assert traj["rewards"].tolist() == (n_out % 2).float().tolist()
+        assert prompts == {"abc", "hello"}
+    finally:
+        rollout.destroy()
