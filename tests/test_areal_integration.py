@@ -158,6 +158,7 @@ class TinyRLVR(RolloutWorkflow):
                 "versions": torch.tensor([[-1] * n_in + resp.output_versions]), "rewards": torch.tensor([reward])}
 
 
+@pytest.mark.timeout(300)
 def test_workflow_rollout_trains_and_updates_weights(checkpoint, tmp_path):
     folder = checkpoint("qwen2")
     rollout = EngineInferenceEngine(InferenceEngineConfig(backend="engine", max_concurrent_rollouts=4,
@@ -185,8 +186,15 @@ def test_workflow_rollout_trains_and_updates_weights(checkpoint, tmp_path):
         served = dict(rollout.infer.model.named_parameters())
         for name, p in eng.model.model.named_parameters():
             torch.testing.assert_close(served[name], p, rtol=0, atol=0)
-        again = rollout.rollout_batch(prompts[:1], TinyRLVR())
-        assert (again[0]["versions"][again[0]["loss_mask"].bool()] == 1).all()
+        rollout.pause_generation()  # a task submitted while paused waits, then runs on the new weights
+        task = rollout.submit(prompts[0], TinyRLVR())
+        rollout.continue_generation()
+        again = rollout.wait_for_task(task, timeout=60)
+        assert (again["versions"][again["loss_mask"].bool()] == 1).all()
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        loader = StatefulDataLoader(prompts + prompts[:1], batch_size=4, collate_fn=list)
+        ready = rollout.prepare_batch(loader, TinyRLVR())
+        assert len(ready) == 4 and all(t["input_ids"].shape[0] == 1 for t in ready)
     finally:
         rollout.destroy()
 
