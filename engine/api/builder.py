@@ -64,6 +64,7 @@ class ModelBuilder:
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
         self._activation_checkpointing = False
+        self._master_weights = True
         self._shared: dict | None = None  # shared_base(): {(dtype, device): the loaded base model}
 
     def _with(self, **changes) -> "ModelBuilder":
@@ -108,6 +109,15 @@ class ModelBuilder:
     def activation_checkpointing(self, on: bool = True) -> "ModelBuilder":
         """Recompute each block's activations in the backward (less memory, ~1/3 more compute)."""
         return self._with(activation_checkpointing=on)
+
+    def master_weights(self, on: bool = True) -> "ModelBuilder":
+        """Full fine-tuning of a bf16/fp16 model keeps fp32 master weights, fp32 gradients and
+        fp32 AdamW state, the model's weights being the masters rounded (on by default: 18 B
+        per parameter of a bf16 model, engine/train/trainer.py). ``master_weights(False)``
+        trains the bf16 weights directly with bf16 AdamW state (8 B per parameter), which
+        loses updates below the weights' precision and drifts from fp32 training. No effect
+        on fp32 models nor on LoRA adapters (fp32 already)."""
+        return self._with(master_weights=bool(on))
 
     def shared_base(self) -> "ModelBuilder":
         """Load the base weights once, at the first spawn, and give every ``spawn_train`` (LoRA
@@ -176,7 +186,8 @@ class ModelBuilder:
         if self._tp > 1:  # one process per rank (engine/train/remote.py)
             trainer = RemoteTrainer(self._tp, self._path, dtype=dtype, adapter=adapter, scoring=self._scoring,
                                     activation_checkpointing=self._activation_checkpointing,
-                                    max_batch_size=max_batch_size, vocab=load_config(self._path).vocab_size)
+                                    max_batch_size=max_batch_size, vocab=load_config(self._path).vocab_size,
+                                    master_weights=self._master_weights)
             described = trainer.info
         else:
             model = self._load(dtype, device)
@@ -185,7 +196,8 @@ class ModelBuilder:
                          seed=adapter["seed"])
             if self._activation_checkpointing:
                 enable_activation_checkpointing(model)
-            trainer = Trainer(model, max_batch_size=max_batch_size, scoring=self._scoring, lora=adapter is not None)
+            trainer = Trainer(model, max_batch_size=max_batch_size, scoring=self._scoring, lora=adapter is not None,
+                              master_weights=self._master_weights)
             described = trainer.describe()
         info = {"model": self._name, "path": str(self._path), "model_type": load_config(self._path).model_type,
                 "tp": self._tp, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
@@ -193,7 +205,8 @@ class ModelBuilder:
                 "lora": None if adapter is None else {"rank": adapter["rank"], "alpha": adapter["alpha"],
                                                       "target_modules": described["target_modules"]},
                 "parameters": described["parameters"], "trainable_parameters": described["trainable_parameters"],
-                "activation_checkpointing": self._activation_checkpointing}
+                "activation_checkpointing": self._activation_checkpointing,
+                "master_weights": described["master_weights"]}
         return TrainingModel(trainer, source=self._path, checkpoint_dir=Path(checkpoint_dir), info=info)
 
     def spawn_inference(self, max_batch_size: int = 2048, **kwargs):

@@ -8,7 +8,8 @@ A state is a folder::
     state-<id>.tp<n>-rank<r>.safetensors
 
 Each file holds the trainable weights (the adapter alone under LoRA, plus the value head of
-a scoring model) as ``weights.<name>``, AdamW's moments as ``optimizer.<name>.exp_avg`` /
+a scoring model) as ``weights.<name>``, in fp32 where the trainer keeps fp32 master
+weights of a bf16/fp16 model (the masters, so a resumed run is the uninterrupted one), AdamW's moments as ``optimizer.<name>.exp_avg`` /
 ``.exp_avg_sq`` / ``.step``, and in its metadata the save id, step, tp and rank.
 
 Save: every rank writes its file under a new save id (the committed state's files stay),
@@ -124,8 +125,8 @@ def save_state(trainer, folder: Path, save_id: str | None = None) -> Path:
         writable_folder(folder)
         if rank == 0:
             remove_stale_temporaries(folder)
-        tensors = {f"weights.{n}": p for n, p in trainer.params}
-        for n, p in trainer.params:
+        tensors = {f"weights.{n}": p for n, p in trainer.optim_params}
+        for n, p in trainer.optim_params:
             for key in _ADAM:
                 value = trainer.optimizer.state.get(p, {}).get(key)
                 if value is not None:
@@ -216,10 +217,10 @@ def _plan(trainer, folder: Path, marker: dict, rank: int) -> dict:
     if meta.get("step") != str(marker["step"]) or meta.get("rank") != str(rank):
         raise ValueError(f"{where}: its metadata (step {meta.get('step')!r}, rank {meta.get('rank')!r}) disagrees "
                          f"with the commit marker (step {marker['step']}, rank {rank})")
-    params = dict(trainer.params)
+    params = dict(trainer.optim_params)
     errors: list[str] = []
     weights, optimizer = [], []
-    for n, p in trainer.params:
+    for n, p in trainer.optim_params:
         key = f"weights.{n}"
         if key not in tensors:
             errors.append(f"{key} is missing")
@@ -261,6 +262,7 @@ def load_state(trainer, path: Path, *, with_optimizer: bool) -> None:
     with torch.no_grad():
         for p, t in plan["weights"]:
             p.copy_(t)
+    trainer.sync_from_masters()
     trainer.optimizer.state.clear()
     if with_optimizer:
         for p, state in plan["optimizer"]:
@@ -273,7 +275,8 @@ def load_state(trainer, path: Path, *, with_optimizer: bool) -> None:
 
 # -- sampler exports --------------------------------------------------------------------------------
 def save_for_sampler(trainer, source: Path, folder: Path) -> Path:
-    """PEFT adapter (LoRA) or full HF folder; a scoring model adds value_head.safetensors.
+    """PEFT adapter (LoRA) or full HF folder (the model's dtype: bf16 weights are the
+masters rounded); a scoring model adds value_head.safetensors.
     Under tensor parallelism every rank gathers and rank 0 writes; the ranks then agree."""
     writer = _layout(trainer)[1] == 0
     error = None

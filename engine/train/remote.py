@@ -16,14 +16,15 @@ from .checkpoint import new_save_id, read_marker, writable_folder
 from .trainer import Trainer, custom_step, enable_activation_checkpointing
 
 
-def _setup(ctx, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size):
+def _setup(ctx, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size, master_weights):
     model = load_tp_model(path, ctx.group, dtype=dtype, device=ctx.device)
     if adapter is not None:
         add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"],
                  seed=adapter["seed"])
     if activation_checkpointing:
         enable_activation_checkpointing(model)
-    return Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None)
+    return Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None,
+                   master_weights=master_weights)
 
 
 def _call(trainer, method, *args):
@@ -32,8 +33,9 @@ def _call(trainer, method, *args):
 
 class RemoteTrainer:
     def __init__(self, tp: int, path, *, dtype, adapter: dict | None, scoring: bool, activation_checkpointing: bool,
-                 max_batch_size: int, vocab: int):
-        self.pool = WorkerPool(tp, _setup, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size)
+                 max_batch_size: int, vocab: int, master_weights: bool = True):
+        self.pool = WorkerPool(tp, _setup, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size,
+                               master_weights)
         self.vocab = vocab
         self.info = self.pool.run(_call, "describe")[0]
         self.signature = self._all("state_signature")

@@ -7,6 +7,24 @@ caller's process (tp=1) and in a WorkerPool rank.
 
 Host syncs: one ``.tolist()`` per call at the end (metrics), none per micro-batch; one per
 ``optim_step`` (the gradient norm, which decides whether the step is taken).
+
+Master weights (``master_weights=True``, the default): a trainable parameter held in bf16
+or fp16 gets an fp32 master copy, as Megatron-Core's and torchtitan's mixed precision do.
+Each parameter's gradient, the moment autograd has accumulated it, is added into its
+master's fp32 gradient and dropped (a post-accumulate-grad hook), so micro-batches and
+calls accumulate in fp32; AdamW (fp32 moments) updates the masters, and the model's
+weights are then the masters rounded to their dtype. Plain bf16 AdamW instead loses every
+update smaller than half a bf16 step of the weight (2^-9 relative): small learning rates
+stall, and the loss drifts away from fp32 training (tests/test_master_weights.py).
+Memory per trained parameter, bf16 model:
+
+    with master weights:  weight 2 B + master 4 B + gradient 4 B (fp32) + AdamW 8 B = 18 B
+    plain bf16:           weight 2 B + gradient 2 B + AdamW 4 B (bf16 moments)       =  8 B
+    fp32 model:           weight 4 B + gradient 4 B + AdamW 8 B                       = 16 B
+
+plus, transiently, one parameter's bf16 gradient during the backward. fp32 parameters
+(LoRA adapters, which ``add_lora`` keeps in fp32, and the value head) need no master:
+they train as they are, so LoRA on a bf16 base costs 2 B per frozen base parameter.
 """
 from __future__ import annotations
 
@@ -40,8 +58,19 @@ def enable_activation_checkpointing(model) -> None:
         block.forward = partial(_checkpointed, block.forward)
 
 
+def _to_master(master: torch.Tensor, param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: move ``param``'s low-precision gradient into ``master``'s
+    fp32 one."""
+    if master.grad is None:
+        master.grad = param.grad.float()
+    else:
+        master.grad.add_(param.grad)
+    param.grad = None
+
+
 class Trainer:
-    def __init__(self, model, *, max_batch_size: int, scoring: bool = False, lora: bool = False):
+    def __init__(self, model, *, max_batch_size: int, scoring: bool = False, lora: bool = False,
+                 master_weights: bool = True):
         self.model = model
         self.max_batch_size = max_batch_size
         self.lora = lora
@@ -55,7 +84,17 @@ class Trainer:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.params = self.named_trainable()
-        self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=0.0)
+        # What AdamW updates: the fp32 master of a bf16/fp16 parameter, else the parameter.
+        self.masters: dict[nn.Parameter, torch.Tensor] = {}
+        if master_weights:
+            for _, p in self.params:
+                if p.dtype != torch.float32:
+                    m = p.detach().float().requires_grad_(True)
+                    m.tp_sharded = getattr(p, "tp_sharded", False)  # for the global gradient norm
+                    p.register_post_accumulate_grad_hook(partial(_to_master, m))
+                    self.masters[p] = m
+        self.optim_params = [(n, self.masters.get(p, p)) for n, p in self.params]
+        self.optimizer = torch.optim.AdamW([p for _, p in self.optim_params], lr=0.0)
         self.step = 0
 
     def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -140,8 +179,15 @@ class Trainer:
     def save_for_sampler(self, source, folder):
         return state_io.save_for_sampler(self, source, folder)
 
+    def sync_from_masters(self) -> None:
+        """The model's weights := its masters rounded to the weights' dtype."""
+        with torch.no_grad():
+            for p, m in self.masters.items():
+                p.copy_(m)
+
     def describe(self) -> dict:
-        return {"step": self.step, "trainable_parameters": sum(p.numel() for _, p in self.params),
+        return {"step": self.step, "master_weights": bool(self.masters),
+                "trainable_parameters": sum(p.numel() for _, p in self.params),
                 "parameters": sum(p.numel() for p in self.model.parameters()), "lora": self.lora,
                 "scoring": self.value_head is not None,
                 "target_modules": list(self.model.lora_config.target_modules) if self.lora else None}
@@ -173,7 +219,7 @@ class Trainer:
         do): weights, optimizer state and step counter stay, the gradient is dropped, and
         ``skipped_nonfinite_grad:sum`` says so."""
         check_hyperparameters(lr, beta1, beta2, eps, weight_decay, grad_clip_norm)
-        params = [p for _, p in self.params]
+        params = [p for _, p in self.optim_params]
         norm = self._grad_norm(params)
         value = float(norm)  # the step's one host sync
         finite = math.isfinite(value)
@@ -183,6 +229,7 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
             self.optimizer.step()
+            self.sync_from_masters()
             self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": value, "skipped_nonfinite_grad:sum": 0.0 if finite else 1.0,
