@@ -15,6 +15,7 @@ import torch
 
 from engine.models import add_lora, load_config, load_model, load_tokenizer, share_weights
 from engine.parallel import check_tp
+from engine.train.memory import check_training_memory
 from engine.train.remote import RemoteTrainer
 from engine.train.trainer import Trainer, enable_activation_checkpointing
 
@@ -173,7 +174,10 @@ class ModelBuilder:
     def spawn_train(self, max_batch_size: int, *, checkpoint_dir: str | Path = "checkpoints") -> TrainingModel:
         """Load the model for training. ``max_batch_size``: tokens per micro-batch (data are
         packed into micro-batches by first-fit-decreasing; the gradient is that of the whole
-        batch). ``checkpoint_dir``: where ``save_state(name)`` writes a bare name (engine/api/training.py,
+        batch). On CUDA the optimizer state is allocated and one forward/backward of
+        ``max_batch_size`` tokens runs here, so a batch that cannot fit fails now, with
+        ``torch.cuda.OutOfMemoryError`` giving the largest max_batch_size that fits
+        (engine/train/memory.py). ``checkpoint_dir``: where ``save_state(name)`` writes a bare name (engine/api/training.py,
         "Checkpoint names")."""
         dtype, device = self._check(max_batch_size)
         adapter = None
@@ -198,6 +202,7 @@ class ModelBuilder:
                 enable_activation_checkpointing(model)
             trainer = Trainer(model, max_batch_size=max_batch_size, scoring=self._scoring, lora=adapter is not None,
                               master_weights=self._master_weights)
+            check_training_memory(trainer)
             described = trainer.describe()
         info = {"model": self._name, "path": str(self._path), "model_type": load_config(self._path).model_type,
                 "tp": self._tp, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
@@ -213,7 +218,9 @@ class ModelBuilder:
         """Serve the base model (``engine.infer.InferenceModel``: continuous batching over a
         paged KV cache; with ``.tp(n)``, one process per rank). Requests name their LoRA
         adapter (a PEFT folder) with ``adapter=``;
-        ``kwargs`` go to InferenceModel (kv_cache_tokens, block_size, max_adapters, ...)."""
+        ``kwargs`` go to InferenceModel (kv_cache_tokens, block_size, max_adapters, ...). On
+        CUDA the KV cache takes ``gpu_memory_fraction`` (default 0.9) of the memory free once
+        the weights are loaded, unless ``kv_cache_tokens`` sizes it."""
         dtype, device = self._check(max_batch_size)
         if self._adapter is not None or self._scoring:
             raise ValueError("with_adapter / into_scoring_model are for training; name an adapter per request "

@@ -13,6 +13,7 @@ from engine.models import add_lora
 from engine.parallel import WorkerPool, load_tp_model
 
 from .checkpoint import new_save_id, read_marker, writable_folder
+from .memory import check_training_memory
 from .trainer import Trainer, custom_step, enable_activation_checkpointing
 
 
@@ -23,8 +24,10 @@ def _setup(ctx, path, dtype, adapter, scoring, activation_checkpointing, max_bat
                  seed=adapter["seed"])
     if activation_checkpointing:
         enable_activation_checkpointing(model)
-    return Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None,
-                   master_weights=master_weights)
+    trainer = Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None,
+                      master_weights=master_weights)
+    check_training_memory(trainer)  # CUDA: every rank, together
+    return trainer
 
 
 def _call(trainer, method, *args):
