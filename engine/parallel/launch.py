@@ -47,6 +47,9 @@ class WorkerProcess:
             self._proc = subprocess.Popen([sys.executable, "-m", "engine.parallel.worker_main", str(theirs.fileno())],
                                           pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, env=env)
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
