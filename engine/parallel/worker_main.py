@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from multiprocessing.connection import Connection
 
 _PARENT_POLL_S = 0.5
@@ -35,11 +36,12 @@ def main(fd: int) -> None:
     threading.Thread(target=_exit_when_orphaned, args=(parent,), name="orphan-watch", daemon=True).start()
     try:
         target, args = conn.recv()
-    except Exception:
+    except Exception:  # reported through stderr, whose end the caller's error quotes
+        traceback.print_exc()
         print("engine worker: the function it was given to run does not import here; functions a worker runs "
               "must live in an importable module, not in the script run as __main__ nor in a notebook cell",
               file=sys.stderr, flush=True)
-        raise
+        os._exit(1)  # at once: the caller reads the exit code when it sees the connection close
     target(*args, conn)
 
 

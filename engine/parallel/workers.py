@@ -268,7 +268,8 @@ class WorkerPool:
         try:
             status, value = conn.recv()
         except Exception as e:  # noqa: BLE001 - EOF, or a tensor whose sender died before it was read
-            proc.join(timeout=1)
+            # EOF: it closed its end and is exiting; the interpreter's teardown (torch's) may take seconds.
+            proc.join(timeout=5 if isinstance(e, EOFError) else 1)
             if proc.is_alive():
                 return "died", f"sent an answer that cannot be read ({type(e).__name__}: {e})"
             return "died", _exit_text(proc.exitcode)
