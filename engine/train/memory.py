@@ -34,12 +34,18 @@ DUMMY_SEQUENCE = 4096  # dummy micro-batches are packed sequences of at most thi
 
 
 def init_optimizer_state(trainer) -> None:
-    """AdamW's moments, allocated now as AdamW would at its first step (same dtypes, step 0)."""
+    """AdamW's moments, allocated now as AdamW's lazy initialisation would at its first step
+    (torch.optim.adam's ``_init_group``: zeros like the parameter; ``step`` a 0-dim zero, on
+    the host unless the group is fused or capturable)."""
+    group = trainer.optimizer.param_groups[0]
+    on_device = bool(group.get("fused") or group.get("capturable"))
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 and not group.get("fused") else torch.float32
     for _, p in trainer.optim_params:
         if p not in trainer.optimizer.state:
-            trainer.optimizer.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
-                                          "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                          "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+            trainer.optimizer.state[p] = {
+                "step": torch.zeros((), dtype=scalar, device=p.device if on_device else "cpu"),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
 def _dummy(trainer, tokens: int):
