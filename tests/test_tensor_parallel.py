@@ -161,13 +161,13 @@ def _interrupt_self(state):
     return dist.get_rank()
 
 
-def test_workers_leave_ctrl_c_to_the_caller():
+def test_workers_leave_ctrl_c_to_the_caller(assert_no_children):
     """Workers ignore SIGINT (the caller handles it and closes the pool): no KeyboardInterrupt
     in a worker, and the pool keeps serving."""
     with WorkerPool(2, _noop_setup, timeout_s=60) as pool:
         assert pool.run(_interrupt_self) == [0, 1]
         assert pool.run(_interrupt_self) == [0, 1]
-    _assert_no_children()
+    assert_no_children()
 
 
 def test_same_code_under_torchrun(checkpoint, tmp_path):

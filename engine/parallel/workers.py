@@ -2,9 +2,10 @@
 
 ``WorkerPool(tp, setup, *args)`` starts ``tp`` processes (``python -m`` entries fed over a
 socket, launch.py: the caller's script is never re-imported, so it needs no
-``if __name__ == "__main__":`` guard), each of which joins a torch.distributed group (NCCL on GPUs, gloo on CPUs, collectives
-with a timeout) and runs ``state = setup(ctx, *args)``. ``pool.run(fn, *args)`` then runs
-``fn(state, *args)`` on every rank and returns the results in rank order. ``fn`` and
+``if __name__ == "__main__":`` guard), each of which joins a torch.distributed group (NCCL
+on GPUs, gloo on CPUs, collectives with a timeout) and runs ``state = setup(ctx, *args)``.
+``pool.run(fn, *args)`` then runs ``fn(state, *args)`` on every rank and returns the
+results in rank order. ``fn`` and
 ``setup`` must be picklable (module-level functions of an importable module).
 
 The same setup code runs unchanged under ``torchrun``: call ``init_distributed()`` in each
@@ -14,9 +15,9 @@ Workers ignore SIGINT: a Ctrl-C, which a terminal sends to every process of the 
 is the caller's to handle (it closes the pool, so the workers exit).
 
 Failures: a worker that raises reports the exception with its rank and traceback; a worker
-that dies is noticed by polling its exit code, and reported with the end of its stderr. Either way ``run`` raises ``WorkerError``
-naming the rank at once. When every rank answered (each returned or raised) the pool stays
-usable: that call alone failed, and code that validates before any collective (so all ranks
+that dies is noticed by polling its exit code, and reported with the end of its stderr.
+Either way ``run`` raises ``WorkerError`` naming the rank at once. When every rank
+answered (each returned or raised) the pool stays usable: that call alone failed, and code that validates before any collective (so all ranks
 raise alike) leaves every rank as it was. When a rank died, timed out, or did not answer
 within ``ERROR_GRACE_S`` of another rank's error (it waits in a collective the failed rank
 never joined), the pool shuts down, terminating and joining every process: no orphans,
@@ -39,7 +40,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.multiprocessing  # noqa: F401 - registers the tensor reductions (shared memory) on the pipes
-
 
 from kernels.collectives import GroupRef
 
