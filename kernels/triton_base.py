@@ -233,5 +233,9 @@ def online_softmax_step(acc, l_i, m_i, s, v, PREC: tl.constexpr):
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + dot(cast(p, v.dtype, PREC), v, None, PREC)
+    # cast() only under the interpreter (its truncation to bf16 would double P's rounding
+    # error); on the GPU the plain .to(), as the constexpr test drops the call: the inlined
+    # call's debug labels alone cost the bf16 forward a register (kernels.launch_check).
+    # One expression, in this order, so the GPU's IR is op for op what it was before.
+    acc = acc * alpha[:, None] + dot(cast(p, v.dtype, PREC) if PREC == "upcast" else p.to(v.dtype), v, None, PREC)
     return acc, l_i, m_new
