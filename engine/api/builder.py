@@ -54,6 +54,7 @@ class ModelBuilder:
             raise FileNotFoundError(f"model {self._name!r}: {str(self._path)!r} is not a checkpoint folder "
                                     f"with a config.json")
         self._tp = 1
+        self._dp = 1
         self._adapter: dict | None = None
         self._scoring = False
         self._dtype: torch.dtype | None = None
@@ -70,6 +71,12 @@ class ModelBuilder:
     def tp(self, n: int) -> "ModelBuilder":
         """Tensor-parallel degree (one process per rank)."""
         return self._with(tp=n)
+
+    def dp(self, n: int) -> "ModelBuilder":
+        """Data-parallel degree: ``n`` replicas of the (tp-way) model, ``n · tp`` processes;
+        each batch is split over the replicas by tokens, gradients summed, the optimizer
+        state sharded over them (engine/train/data_parallel.py)."""
+        return self._with(dp=n)
 
     def with_adapter(self, rank: int = 16, alpha: float | None = None, target_modules=None,
                      dropout: float = 0.0) -> "ModelBuilder":
@@ -118,10 +125,13 @@ class ModelBuilder:
             raise ValueError(f"max_batch_size must be a positive int (tokens per micro-batch), got {max_batch_size!r}")
         if isinstance(self._tp, bool) or not isinstance(self._tp, int) or self._tp < 1:
             raise ValueError(f"tp must be a positive int, got {self._tp!r}")
+        if isinstance(self._dp, bool) or not isinstance(self._dp, int) or self._dp < 1:
+            raise ValueError(f"dp must be a positive int, got {self._dp!r}")
         if self._tp > 1:
             check_tp(load_config(self._path), self._tp)
-        if self._tp > 1 and self._shared is not None:
-            raise ValueError(f"shared_base() shares weights within one process; tp must be 1, got {self._tp}")
+        if (self._tp > 1 or self._dp > 1) and self._shared is not None:
+            raise ValueError(f"shared_base() shares weights within one process; tp and dp must be 1, "
+                             f"got tp={self._tp}, dp={self._dp}")
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} but no CUDA GPU is available")
@@ -158,10 +168,11 @@ class ModelBuilder:
         if self._adapter is not None:
             a = self._adapter
             adapter = dict(a, targets=a["targets"] or ("qkv", "o", "gate_up", "down"))
-        if self._tp > 1:  # one process per rank (engine/train/remote.py)
+        if self._tp > 1 or self._dp > 1:  # one process per rank (engine/train/remote.py)
             trainer = RemoteTrainer(self._tp, self._path, dtype=dtype, adapter=adapter, scoring=self._scoring,
                                     activation_checkpointing=self._activation_checkpointing,
-                                    max_batch_size=max_batch_size, vocab=load_config(self._path).vocab_size)
+                                    max_batch_size=max_batch_size, vocab=load_config(self._path).vocab_size,
+                                    dp=self._dp)
             described = trainer.info
         else:
             model = self._load(dtype, device)
@@ -172,7 +183,7 @@ class ModelBuilder:
             trainer = Trainer(model, max_batch_size=max_batch_size, scoring=self._scoring, lora=adapter is not None)
             described = trainer.describe()
         info = {"model": self._name, "path": str(self._path), "model_type": load_config(self._path).model_type,
-                "tp": self._tp, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+                "tp": self._tp, "dp": self._dp, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
                 "max_batch_size": max_batch_size, "scoring_model": self._scoring,
                 "lora": None if adapter is None else {"rank": adapter["rank"], "alpha": adapter["alpha"],
                                                       "target_modules": described["target_modules"]},
@@ -186,6 +197,9 @@ class ModelBuilder:
         adapter (a PEFT folder) with ``adapter=``;
         ``kwargs`` go to InferenceModel (kv_cache_tokens, block_size, max_adapters, ...)."""
         dtype, device = self._check(max_batch_size)
+        if self._dp > 1:
+            raise ValueError(f"dp={self._dp} is for training (replicas that split each batch); an inference "
+                             "model serves at tp ranks: drop .dp()")
         if self._adapter is not None or self._scoring:
             raise ValueError("with_adapter / into_scoring_model are for training; name an adapter per request "
                              "(sample(..., adapter=path)) or use create_sampling_client")

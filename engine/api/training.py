@@ -265,7 +265,7 @@ class TrainingModel:
             if self._trainer.lora:  # the adapter copied; the base weights are the shared engine's
                 self._export(folder)
                 return SamplingClient(self._shared(kwargs), adapter=str(folder), cleanup=remove_folder(folder))
-            if self._info["tp"] == 1:  # a copy of the model, in memory
+            if getattr(self._trainer, "model", None) is not None:  # in this process: a copy of the model
                 model = copy.deepcopy(self._trainer.model).requires_grad_(False).eval()
                 engine, folder = self._engine(model, kwargs), None
             else:  # every rank's shard, gathered into a folder and loaded by a pool of its own

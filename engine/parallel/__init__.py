@@ -31,12 +31,14 @@ For Llama-3-8B (H = 4096, bf16, 32 layers) at tp = 2 that is 1 MiB per token per
 tp, against 2·(dp-1)/dp × 8 GB per step for full-weight dp (tens of MB for a LoRA adapter).
 """
 from .modules import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, parallelize, tp_group
+from .mesh import check_layout, mesh_groups
 from .tensor_parallel import (build_tp_model, check_tp, full_state, gather_vocab, load_tp_model, shard_entries,
-                              shard_tensor, vocab_slice)
+                              shard_param, shard_tensor, unshard_param, vocab_slice)
 from .workers import RankContext, WorkerError, WorkerPool, init_distributed, shutdown
 
 __all__ = [
     "ColumnParallelLinear", "RankContext", "RowParallelLinear", "VocabParallelEmbedding", "WorkerError", "WorkerPool",
-    "build_tp_model", "check_tp", "full_state", "gather_vocab", "init_distributed", "load_tp_model", "parallelize",
-    "shard_entries", "shard_tensor", "shutdown", "tp_group", "vocab_slice",
+    "build_tp_model", "check_layout", "check_tp", "full_state", "gather_vocab", "init_distributed", "load_tp_model",
+    "mesh_groups", "parallelize", "shard_entries", "shard_param", "shard_tensor", "shutdown", "tp_group",
+    "unshard_param", "vocab_slice",
 ]

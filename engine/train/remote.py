@@ -1,8 +1,9 @@
-"""Training under tensor parallelism: one ``Trainer`` per rank in WorkerPool processes.
+"""Training under tensor and data parallelism: one ``Trainer`` per rank in WorkerPool
+processes (``dp`` replicas of a ``tp``-way model, engine/train/data_parallel.py).
 
 ``RemoteTrainer`` has the Trainer methods the API calls and runs each on every rank (the
 ranks execute the same step on their shards; rank 0's answer is returned, every rank's
-being equal). Data travel to the ranks as token lists and small CPU tensors; the user's
+being equal: replicas exchange their shares' outputs). Data travel to the ranks as token lists and small CPU tensors; the user's
 ``forward_backward_custom`` function runs in the caller's process between the two fused
 passes (``custom_step``), so it need not be picklable. An error raised alike on every rank
 fails its call and leaves the ranks usable (engine/parallel/workers.py); a dead rank ends them.
@@ -16,13 +17,17 @@ from .checkpoint import new_save_id, read_marker, writable_folder
 from .trainer import Trainer, custom_step, enable_activation_checkpointing
 
 
-def _setup(ctx, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size):
+def setup_rank(ctx, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size) -> Trainer:
+    """One rank's Trainer (its shard of the model, its replica's dp group): WorkerPool's
+    setup, and the same call in a script that torchrun launched (``ctx = init_distributed(tp=t)``).
+    ``adapter``: None or dict(rank=, alpha=, targets=, dropout=)."""
     model = load_tp_model(path, ctx.group, dtype=dtype, device=ctx.device)
     if adapter is not None:
         add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"])
     if activation_checkpointing:
         enable_activation_checkpointing(model)
-    return Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None)
+    return Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None,
+                   dp_group=ctx.dp_group)
 
 
 def _call(trainer, method, *args):
@@ -31,8 +36,9 @@ def _call(trainer, method, *args):
 
 class RemoteTrainer:
     def __init__(self, tp: int, path, *, dtype, adapter: dict | None, scoring: bool, activation_checkpointing: bool,
-                 max_batch_size: int, vocab: int):
-        self.pool = WorkerPool(tp, _setup, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size)
+                 max_batch_size: int, vocab: int, dp: int = 1):
+        self.pool = WorkerPool(tp, setup_rank, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size,
+                               dp=dp)
         self.vocab = vocab
         self.info = self.pool.run(_call, "describe")[0]
         self.signature = self._all("state_signature")

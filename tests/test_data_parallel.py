@@ -1,0 +1,125 @@
+"""Data × tensor parallelism on CPU (gloo): dp2×tp2 (4 processes) and dp2×tp1 against one
+process on the same global batch, an empty share, states resharded between layouts, the
+same training script under two torchrun invocations meeting at one rendezvous, and Ray."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import engine
+from engine.train.data_parallel import owners, split_over_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 1031  # the tiny presets' vocabulary
+LENGTHS = (7, 1, 19, 12, 3, 9)
+ADAM = engine.AdamParams(5e-3, weight_decay=0.01, grad_clip_norm=0.5)
+STEPS = 3
+
+
+def _data(seed=0, lengths=LENGTHS):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        tokens = torch.randint(0, VOCAB, (n + 1,), generator=g)
+        inputs = {"target_tokens": tokens[1:].tolist(), "weights": torch.rand(n, generator=g)}
+        out.append(engine.Datum(engine.ModelInput.from_ints(tokens[:-1].tolist()), inputs))
+    return out
+
+
+def _train(trainer, folder: Path) -> dict:
+    """STEPS AdamW steps on one global batch: losses, gradient norms, the weights after
+    (exported for a sampler: one PEFT or HF folder), a save_state, and the outputs of a
+    forward of one datum (an empty share on one replica when dp = 2)."""
+    out = {"loss": [], "grad_norm": []}
+    for step in range(STEPS):
+        fb = trainer.forward_backward(_data(step), "cross_entropy").result()
+        out["loss"].append(fb.metrics["loss:sum"])
+        out["grad_norm"].append(trainer.optim_step(ADAM).result().metrics["grad_norm"])
+    out["logprobs"] = fb.loss_fn_outputs[2]["logprobs"].to_torch()
+    export = Path(trainer.save_weights_for_sampler(folder / "export").result().path)
+    out["weights"] = load_file(str(next(export.glob("*.safetensors"))))
+    out["state"] = trainer.save_state(folder / "state").result().path
+    lone = _data(9, (13,))
+    out["lone"] = trainer.forward(lone, "cross_entropy").result()
+    out["lone_fb"] = trainer.forward_backward(lone, "cross_entropy").result().metrics["loss:sum"]
+    out["lone_norm"] = trainer.optim_step(engine.AdamParams(0.0)).result().metrics["grad_norm"]
+    return out
+
+
+def _builder(folder, lora, tp=1, dp=1):
+    b = engine.model(folder).tp(tp).dp(dp)
+    return b.with_adapter(rank=4, alpha=8) if lora else b
+
+
+def _close(a, b, what):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    assert err < 1e-5, f"{what}: relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, tmp_path_factory):
+    """One process on the same batches, per (lora)."""
+    cache = {}
+
+    def get(lora):
+        if lora not in cache:
+            tm = _builder(checkpoint("qwen3"), lora).spawn_train(max_batch_size=24)
+            try:
+                cache[lora] = _train(tm, tmp_path_factory.mktemp("ref"))
+            finally:
+                tm.close()
+        return cache[lora]
+    return get
+
+
+def test_split_over_ranks_balances_tokens():
+    shares = split_over_ranks([7, 1, 19, 12, 3, 9], 2, 24)
+    assert sorted(i for s in shares for i in s) == list(range(6))
+    loads = [sum([7, 1, 19, 12, 3, 9][i] for i in s) for s in shares]
+    assert abs(loads[0] - loads[1]) <= 3, loads
+    assert split_over_ranks([5], 2, 24) == [[0], []]  # an empty share
+    assert split_over_ranks([4, 4, 9, 1], 2, 24, group=2) in ([[0, 1], [2, 3]], [[2, 3], [0, 1]])  # pairs stay
+    assert split_over_ranks([30, 5], 2, 24) == [[1], [0]]  # over the budget: dropped by its rank, costs 0
+    assert owners([10, 1, 9, 2], 2) == [0, 0, 1, 1]  # 10 | 9, then 2 -> rank 1 (9), 1 -> rank 0 (10)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("dp, tp", [(2, 2), (2, 1)], ids=["dp2xtp2", "dp2xtp1"])
+def test_dp_tp_equals_one_process(checkpoint, reference, tmp_path, lora, dp, tp):
+    """Losses, gradient norms and weights after 3 AdamW steps as one process; a lone datum
+    (one replica's share empty); the state resharded both ways: saved at (dp, tp), loaded
+    in one process, and saved by one process, loaded at (dp, tp)."""
+    folder = checkpoint("qwen3")
+    ref = reference(lora)
+    tm = _builder(folder, lora, tp, dp).spawn_train(max_batch_size=24)
+    try:
+        assert tm.get_info().tp == tp
+        got = _train(tm, tmp_path)
+        for key in ("loss", "grad_norm", "logprobs", "lone_fb", "lone_norm"):
+            _close(got[key], ref[key], key)
+        _close(got["lone"].loss_fn_outputs[0]["logprobs"].to_torch(),
+               ref["lone"].loss_fn_outputs[0]["logprobs"].to_torch(), "forward")
+        assert got["weights"].keys() == ref["weights"].keys()
+        for name, w in ref["weights"].items():
+            _close(got["weights"][name], w, name)
+        # (1, 1) -> (dp, tp): the reference's state continues here as it did there.
+        tm.load_state_with_optimizer(ref["state"]).result()
+        after = tm.forward_backward(_data(5), "cross_entropy").result().metrics["loss:sum"]
+        norm = tm.optim_step(ADAM).result().metrics["grad_norm"]
+    finally:
+        tm.close()
+    one = _builder(folder, lora).spawn_train(max_batch_size=24)
+    try:  # (dp, tp) -> (1, 1)
+        one.load_state_with_optimizer(got["state"]).result()
+        assert one.get_info().step == STEPS
+        ref_after = one.forward_backward(_data(5), "cross_entropy").result().metrics["loss:sum"]
+        _close(norm, one.optim_step(ADAM).result().metrics["grad_norm"], "grad_norm after the resharded load")
+        _close(after, ref_after, "loss after the resharded load")
+    finally:
+        one.close()
