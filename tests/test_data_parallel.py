@@ -123,3 +123,35 @@ def test_dp_tp_equals_one_process(checkpoint, reference, tmp_path, lora, dp, tp)
         _close(after, ref_after, "loss after the resharded load")
     finally:
         one.close()
+
+
+def _torchrun(node_rank: int, port: int, folder, out: Path) -> subprocess.Popen:
+    """One of two torchrun invocations (a "node" of 2 processes) meeting at a loopback
+    rendezvous: what ``--nnodes 2`` runs on two machines."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
+           "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+           "--rdzv-id", "engine-dp-test", str(ROOT / "tests" / "torchrun_dp_script.py"), "2", str(folder), str(out)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_node_torchrun_dp2_tp2_equals_one_process(checkpoint, reference, tmp_path):
+    from engine.parallel.workers import free_port
+
+    port = free_port()
+    nodes = [_torchrun(r, port, checkpoint("qwen3"), tmp_path) for r in (0, 1)]
+    logs = []
+    for proc in nodes:
+        try:
+            logs.append(proc.communicate(timeout=300)[0])
+        finally:
+            proc.kill()
+    assert [p.returncode for p in nodes] == [0, 0], "\n----\n".join(log[-3000:] for log in logs)
+    got, ref = torch.load(tmp_path / "result.pt"), reference(False)
+    assert (got["world"], got["dp"]) == (4, 2)
+    _close(got["loss"], ref["loss"], "loss")
+    _close(got["grad_norm"], ref["grad_norm"], "grad_norm")
+    weights = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert weights.keys() == ref["weights"].keys()
+    for name, w in ref["weights"].items():
+        _close(weights[name], w, name)
