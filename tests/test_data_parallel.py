@@ -155,3 +155,26 @@ def test_two_node_torchrun_dp2_tp2_equals_one_process(checkpoint, reference, tmp
     assert weights.keys() == ref["weights"].keys()
     for name, w in ref["weights"].items():
         _close(weights[name], w, name)
+
+
+def test_ray_tp2_equals_one_process(checkpoint, reference, tmp_path):
+    """``ray.init`` called: spawn_train places its ranks as Ray actors in a placement group
+    (here a local Ray cluster) and trains as one process does."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'engine[ray]'")
+    from engine.parallel import RayWorkerPool
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tm = _builder(checkpoint("qwen3"), False, tp=2).spawn_train(max_batch_size=24)
+        try:
+            assert isinstance(tm._trainer.pool, RayWorkerPool) and tm._trainer.pool.world == 2
+            got = _train(tm, tmp_path)
+        finally:
+            tm.close()
+    finally:
+        ray.shutdown()
+    ref = reference(False)
+    for key in ("loss", "grad_norm", "logprobs", "lone_fb"):
+        _close(got[key], ref[key], key)
+    for name, w in ref["weights"].items():
+        _close(got["weights"][name], w, name)

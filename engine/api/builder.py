@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from engine.models import add_lora, load_config, load_model, load_tokenizer, share_weights
-from engine.parallel import check_tp
+from engine.parallel import LAUNCHERS, check_tp
 from engine.train.remote import RemoteTrainer
 from engine.train.trainer import Trainer, enable_activation_checkpointing
 
@@ -155,11 +155,17 @@ class ModelBuilder:
         load_config(self._path)  # an unsupported model_type fails here, before any weights load
         return dtype, device
 
-    def spawn_train(self, max_batch_size: int, *, checkpoint_dir: str | Path = "checkpoints") -> TrainingModel:
+    def spawn_train(self, max_batch_size: int, *, checkpoint_dir: str | Path = "checkpoints",
+                    launcher: str | None = None) -> TrainingModel:
         """Load the model for training. ``max_batch_size``: tokens per micro-batch (data are
         packed into micro-batches by first-fit-decreasing; the gradient is that of the whole
         batch). ``checkpoint_dir``: where ``save_state(name)`` writes a bare name (engine/api/training.py,
-        "Checkpoint names")."""
+        "Checkpoint names"). ``launcher``: where the ranks of a tp/dp model run: ``"local"``
+        (processes of this machine), ``"ray"`` (Ray actors in a placement group, any node of
+        the cluster; also at tp = dp = 1), or None: Ray when ``ray.init`` was called in this
+        process, else local (engine/parallel/ray_workers.py)."""
+        if launcher is not None and launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS} or None, got {launcher!r}")
         dtype, device = self._check(max_batch_size)
         adapter = None
         if self._shared is not None and self._adapter is None:
@@ -168,11 +174,11 @@ class ModelBuilder:
         if self._adapter is not None:
             a = self._adapter
             adapter = dict(a, targets=a["targets"] or ("qkv", "o", "gate_up", "down"))
-        if self._tp > 1 or self._dp > 1:  # one process per rank (engine/train/remote.py)
+        if self._tp > 1 or self._dp > 1 or launcher == "ray":  # one process per rank (engine/train/remote.py)
             trainer = RemoteTrainer(self._tp, self._path, dtype=dtype, adapter=adapter, scoring=self._scoring,
                                     activation_checkpointing=self._activation_checkpointing,
                                     max_batch_size=max_batch_size, vocab=load_config(self._path).vocab_size,
-                                    dp=self._dp)
+                                    dp=self._dp, launcher=launcher)
             described = trainer.info
         else:
             model = self._load(dtype, device)

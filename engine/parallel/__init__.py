@@ -8,7 +8,8 @@ collectives live in ``modules.py``: ``ColumnParallelLinear`` / ``RowParallelLine
 ``VocabParallelEmbedding``; ``parallelize`` puts them in place of a model's own and
 records the group, which ``tp_group(model)`` returns to the LM head's
 ``kernels.linear_logprobs(..., process_group=)`` and to engine/infer and engine/train.
-``WorkerPool`` runs one process per rank from the caller's process; ``init_distributed()``
+``WorkerPool`` runs one process per rank from the caller's process (``RayWorkerPool``: one Ray
+actor per rank, on any node of a Ray cluster; ``start_pool`` picks); ``init_distributed()``
 is the entry for ranks that ``torchrun`` launched, and ``shutdown()`` their exit. Nothing
 of the engine keeps a process group alive (``kernels.collectives.GroupRef``): torch owns
 them, so ``shutdown()`` frees them and joins gloo's threads before the interpreter exits. With ``group=None`` (tp=1) nothing of this is installed: the model is exactly
@@ -32,13 +33,14 @@ tp, against 2·(dp-1)/dp × 8 GB per step for full-weight dp (tens of MB for a L
 """
 from .modules import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, parallelize, tp_group
 from .mesh import check_layout, mesh_groups
+from .ray_workers import LAUNCHERS, RayWorkerPool, start_pool
 from .tensor_parallel import (build_tp_model, check_tp, full_state, gather_vocab, load_tp_model, shard_entries,
                               shard_param, shard_tensor, unshard_param, vocab_slice)
 from .workers import RankContext, WorkerError, WorkerPool, init_distributed, shutdown
 
 __all__ = [
-    "ColumnParallelLinear", "RankContext", "RowParallelLinear", "VocabParallelEmbedding", "WorkerError", "WorkerPool",
+    "LAUNCHERS", "ColumnParallelLinear", "RankContext", "RayWorkerPool", "RowParallelLinear", "VocabParallelEmbedding", "WorkerError", "WorkerPool",
     "build_tp_model", "check_layout", "check_tp", "full_state", "gather_vocab", "init_distributed", "load_tp_model",
     "mesh_groups", "parallelize", "shard_entries", "shard_param", "shard_tensor", "shutdown", "tp_group",
-    "unshard_param", "vocab_slice",
+    "start_pool", "unshard_param", "vocab_slice",
 ]

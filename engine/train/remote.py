@@ -11,7 +11,7 @@ fails its call and leaves the ranks usable (engine/parallel/workers.py); a dead 
 from __future__ import annotations
 
 from engine.models import add_lora
-from engine.parallel import WorkerPool, load_tp_model
+from engine.parallel import load_tp_model, start_pool
 
 from .checkpoint import new_save_id, read_marker, writable_folder
 from .trainer import Trainer, custom_step, enable_activation_checkpointing
@@ -36,9 +36,9 @@ def _call(trainer, method, *args):
 
 class RemoteTrainer:
     def __init__(self, tp: int, path, *, dtype, adapter: dict | None, scoring: bool, activation_checkpointing: bool,
-                 max_batch_size: int, vocab: int, dp: int = 1):
-        self.pool = WorkerPool(tp, setup_rank, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size,
-                               dp=dp)
+                 max_batch_size: int, vocab: int, dp: int = 1, launcher: str | None = None):
+        self.pool = start_pool(launcher, tp, setup_rank, path, dtype, adapter, scoring, activation_checkpointing,
+                               max_batch_size, dp=dp)
         self.vocab = vocab
         self.info = self.pool.run(_call, "describe")[0]
         self.signature = self._all("state_signature")
