@@ -62,6 +62,21 @@ def _close(a, b, what):
     assert err < 1e-5, f"{what}: relative error {err:.2e}"
 
 
+def _check_sampler(tm):
+    """A sampling client of the trainer (an exported snapshot for full weights; the
+    trainer's own ranks serving the adapter for LoRA, every replica running each step alike)
+    gives the trainer's logprobs and samples."""
+    datum = _data(11, (8,))[0]
+    tokens = datum.model_input.to_ints() + [datum.loss_fn_inputs["target_tokens"].tolist()[-1]]
+    trained = tm.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_torch()
+    client = tm.save_weights_and_get_sampling_client()
+    torch.testing.assert_close(torch.tensor(client.compute_logprobs(tokens).result()[1:]), trained.float(),
+                               rtol=1e-4, atol=1e-4)
+    out = client.sample(datum.model_input, 2, engine.SamplingParams(max_tokens=3, seed=1)).result()
+    assert [len(s.tokens) for s in out.sequences] == [3, 3]
+    client.close()
+
+
 @pytest.fixture(scope="module")
 def reference(checkpoint, tmp_path_factory):
     """One process on the same batches, per (lora)."""
@@ -108,6 +123,7 @@ def test_dp_tp_equals_one_process(checkpoint, reference, tmp_path, lora, dp, tp)
         assert got["weights"].keys() == ref["weights"].keys()
         for name, w in ref["weights"].items():
             _close(got["weights"][name], w, name)
+        _check_sampler(tm)
         # (1, 1) -> (dp, tp): the reference's state continues here as it did there.
         tm.load_state_with_optimizer(ref["state"]).result()
         after = tm.forward_backward(_data(5), "cross_entropy").result().metrics["loss:sum"]
