@@ -39,6 +39,9 @@ def _train(trainer, folder: Path) -> dict:
     for step in range(STEPS):
         fb = trainer.forward_backward(_data(step), "cross_entropy").result()
         out["loss"].append(fb.metrics["loss:sum"])
+        if step == 1:  # the user's loss runs in the caller, the fused passes on every replica's share
+            custom = trainer.forward_backward_custom(_data(7), _custom).result()
+            out["loss"].append(custom.metrics["loss:sum"])
         out["grad_norm"].append(trainer.optim_step(ADAM).result().metrics["grad_norm"])
     out["logprobs"] = fb.loss_fn_outputs[2]["logprobs"].to_torch()
     export = Path(trainer.save_weights_for_sampler(folder / "export").result().path)
@@ -49,6 +52,10 @@ def _train(trainer, folder: Path) -> dict:
     out["lone_fb"] = trainer.forward_backward(lone, "cross_entropy").result().metrics["loss:sum"]
     out["lone_norm"] = trainer.optim_step(engine.AdamParams(0.0)).result().metrics["grad_norm"]
     return out
+
+
+def _custom(data, logprobs):
+    return sum((lp ** 2).sum() for lp in logprobs) * 1e-3, {}
 
 
 def _builder(folder, lora, tp=1, dp=1):
@@ -114,7 +121,7 @@ def test_dp_tp_equals_one_process(checkpoint, reference, tmp_path, lora, dp, tp)
     ref = reference(lora)
     tm = _builder(folder, lora, tp, dp).spawn_train(max_batch_size=24)
     try:
-        assert tm.get_info().tp == tp
+        assert (tm.get_info().tp, tm.get_info().dp) == (tp, dp)
         got = _train(tm, tmp_path)
         for key in ("loss", "grad_norm", "logprobs", "lone_fb", "lone_norm"):
             _close(got[key], ref[key], key)

@@ -294,7 +294,7 @@ class ModelData:
 class GetInfoResponse:
     """``TrainingModel.get_info()``: Tinker's fields (``model_id``, ``model_data``,
     ``is_lora``, ``lora_rank``, ``model_name``), then this engine's: the optimizer ``step``,
-    ``tp``, ``dtype``, ``device``, ``max_batch_size``, the checkpoint ``path`` and
+    ``tp``, ``dp``, ``dtype``, ``device``, ``max_batch_size``, the checkpoint ``path`` and
     ``model_type``, ``scoring_model``, ``lora`` (rank, alpha, target_modules) or None,
     parameter counts and ``activation_checkpointing``."""
 
@@ -316,3 +316,4 @@ class GetInfoResponse:
     trainable_parameters: int
     activation_checkpointing: bool
     type: str = "get_info"
+    dp: int = 1
