@@ -333,12 +333,10 @@ def save_for_sampler(trainer, source: Path, folder: Path) -> Path:
     folder whatever the layout); every rank then agrees."""
     writer = _first(trainer)
     error = None
-    try:  # every rank of replica 0 gathers first; only then can the writer fail
-        if trainer.dp_rank:
-            pass  # the other replicas hold the same weights
-        elif trainer.lora:
+    try:  # every rank of replica 0 gathers first (the others hold the same weights); then the writer writes
+        if trainer.dp_rank == 0 and trainer.lora:
             save_peft_lora(trainer.model, folder, write=writer)
-        else:
+        elif trainer.dp_rank == 0:
             state = full_state(trainer.model)
             if writer:
                 write_safetensors(writable_folder(folder) / "model.safetensors", state, {"format": "pt"})
