@@ -130,7 +130,7 @@ class ModelBuilder:
         if self._tp > 1:
             check_tp(load_config(self._path), self._tp)
         if (self._tp > 1 or self._dp > 1) and self._shared is not None:
-            raise ValueError(f"shared_base() shares weights within one process; tp and dp must be 1, "
+            raise ValueError(f"shared_base() shares weights within one process; tp must be 1 and dp 1, "
                              f"got tp={self._tp}, dp={self._dp}")
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
