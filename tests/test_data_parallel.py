@@ -201,3 +201,18 @@ def test_ray_tp2_equals_one_process(checkpoint, reference, tmp_path):
         _close(got[key], ref[key], key)
     for name, w in ref["weights"].items():
         _close(got["weights"][name], w, name)
+
+
+def test_layout_errors_name_the_option(checkpoint):
+    from engine.parallel import check_layout
+
+    folder = checkpoint("qwen3")
+    with pytest.raises(ValueError, match="dp must be a positive int, got 0"):
+        engine.model(folder).dp(0).spawn_train(max_batch_size=24)
+    with pytest.raises(ValueError, match="launcher must be one of"):
+        engine.model(folder).dp(2).spawn_train(max_batch_size=24, launcher="mpi")
+    with pytest.raises(ValueError, match="dp=2 is for training"):
+        engine.model(folder).dp(2).spawn_inference()
+    with pytest.raises(ValueError, match="tp=3 does not divide the world size 4"):
+        check_layout(4, 3)
+    assert check_layout(8, 2) == 4
