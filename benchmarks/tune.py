@@ -5,7 +5,9 @@ each shape class at the issue's target shapes, every candidate config (the kerne
 module's own ``candidates`` list, the heuristic's first) is forced in turn
 (``kernels.configs.forced``), run once and checked against a float64/float32 truth, then
 timed with ``triton.testing.do_bench`` (median). A candidate that fails to compile or to
-launch, or whose result misses the bound, is printed and skipped. The fastest that passed
+launch, whose result misses the bound, or that compiled a bf16/fp16 kernel spilling
+registers (``n_spills`` of the kernels its first run compiled, as ``python -m
+kernels.launch_check`` rejects them on the CPU), is printed and skipped. The fastest that passed
 becomes the class's entry; the file is written (temporary name, then rename) with the
 device name, torch and triton versions and the date, after each kernel family, so that a
 kill loses only the family in progress. Nothing here runs inside a training step.
@@ -118,14 +120,14 @@ def sweep(case, deadline: float, smoke: bool = False) -> tuple[Result, float]:
             with configs.forced({**case.also_forced, case.kernel: cand}):
                 triton_base.POISON = True
                 try:
-                    start = time.monotonic()
+                    start, before = time.monotonic(), compiled_kernels()
                     outs = [run() for run, _, _ in probes]
                     sync()
                     first = time.monotonic() - start
                 finally:
                     triton_base.POISON = False
                 compile_s += first
-                bad = next((m for (_, t, b), o in zip(probes, outs) if (m := check(o, t, b))), None)
+                bad = spills(before) or next((m for (_, t, b), o in zip(probes, outs) if (m := check(o, t, b))), None)
                 if bad:
                     raise ValueError(bad)
                 del outs
@@ -147,6 +149,37 @@ def sweep(case, deadline: float, smoke: bool = False) -> tuple[Result, float]:
         print(f"  {case.kernel} [{case.shape_class}] chosen: {res.chosen} ({res.score:.2f}x the first that passed)",
               flush=True)
     return res, compile_s
+
+
+def compiled_kernels() -> dict:
+    """{(kernel name, cache key): CompiledKernel} of every Triton kernel of ``kernels`` compiled
+    so far in this process, on every device."""
+    from triton.runtime.jit import JITFunction
+
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("kernels."):
+            continue
+        for obj in vars(module).values():
+            fn = obj
+            while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):  # heuristics / autotune wrappers
+                fn = fn.fn
+            if isinstance(fn, JITFunction):
+                for caches in fn.device_caches.values():
+                    found.update({(fn.__name__, key): k for key, k in caches[0].items()})
+    return found
+
+
+def spills(before: dict) -> str | None:
+    """None, or the first bf16/fp16 kernel compiled since ``before`` that spills registers
+    (a candidate the table must not name: issue 16 item 2)."""
+    for (name, key), kernel in compiled_kernels().items():
+        if (name, key) in before or not hasattr(kernel, "n_spills"):
+            continue
+        low = any(t in ("*bf16", "*fp16") for t in getattr(kernel.src, "signature", {}).values())
+        if low and kernel.n_spills:
+            return f"{name} spills {kernel.n_spills} registers ({kernel.n_regs} used)"
+    return None
 
 
 def sync() -> None:

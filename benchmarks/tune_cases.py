@@ -247,7 +247,7 @@ def ce_cases(s: Shapes) -> list[Case]:
             cls = ce.shape_class(v, s.dtype, ce.Options(want_entropy=entropy), False)
             for kernel in ("stats", "grad"):
                 cases.append(Case(f"linear_logprobs.{kernel}", cls, f"one chunk of N {n} x V {v}, H {h}",
-                                  ce.candidates(v), functools.partial(_ce_setup, s, v, entropy, kernel)))
+                                  ce.candidates(kernel, v), functools.partial(_ce_setup, s, v, entropy, kernel)))
     return cases
 
 

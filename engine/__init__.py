@@ -2,9 +2,10 @@
 __version__ = "0.1.0"
 
 _API = ("AdamParams", "ClientFuture", "Datum", "EncodedTextChunk", "ForwardBackwardOutput", "Future",
-        "GetInfoResponse", "ModelBuilder", "ModelData", "ModelInput", "OptimStepOutput", "OptimStepResponse",
-        "SamplingClient", "SaveWeightsForSamplerResponse", "SaveWeightsResponse", "TensorData", "TrainingModel",
-        "model", "register_model")
+        "GetInfoResponse", "GetServerCapabilitiesResponse", "ModelBuilder", "ModelData", "ModelInput",
+        "OptimStepOutput", "OptimStepResponse", "SamplingClient", "SaveWeightsForSamplerResponse",
+        "SaveWeightsResponse", "ServiceClient", "SupportedModel", "TensorData", "TrainingModel", "model",
+        "register_model")
 _INFER = ("InferenceModel", "SampleResponse", "SampledSequence", "SamplingParams")
 
 

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from .triton_base import HAVE_TRITON, interpreting
+from .triton_base import HAVE_TRITON, gpu_branch, interpreting
 
 
 def resolve_impl(op: str, impl: str, x: torch.Tensor, available: tuple[str, ...]) -> str:
@@ -25,7 +25,7 @@ def resolve_impl(op: str, impl: str, x: torch.Tensor, available: tuple[str, ...]
         raise ValueError(f"{op}: impl={impl!r} is not one of {('auto',) + available}")
     if not backend_usable(impl):
         raise RuntimeError(f"{op}: impl={impl!r} is not usable here ({_why_unusable(impl)})")
-    if impl == "triton" and not x.is_cuda and not interpreting():
+    if impl == "triton" and not gpu_branch(x.device) and not interpreting():
         raise RuntimeError(f"{op}: impl='triton' on {x.device.type} tensors needs CUDA tensors, or TRITON_INTERPRET=1 "
                            "set before triton is imported (the Triton interpreter, for tests)")
     return impl
@@ -33,8 +33,9 @@ def resolve_impl(op: str, impl: str, x: torch.Tensor, available: tuple[str, ...]
 
 def check_triton_device(op: str, x: torch.Tensor) -> None:
     """Raise a clear error instead of letting triton fail on a tensor it cannot launch on
-    (for launchers called directly, past :func:`resolve_impl`)."""
-    if x.is_cuda or interpreting():
+    (for launchers called directly, past :func:`resolve_impl`). Any tensor passes while
+    kernels.launch_check compiles (nothing launches then)."""
+    if gpu_branch(x.device) or interpreting():
         return
     raise RuntimeError(
         f"{op}: impl='triton' needs CUDA tensors (got a tensor on {x.device}); on CPU use impl='torch', or set "

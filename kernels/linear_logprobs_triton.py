@@ -143,16 +143,16 @@ def chunk_rows(n: int, v: int, h: int, itemsize: int) -> int:
     return max(1, min(n, rows))
 
 
-def _block_v(v: int) -> int:
-    if interpreting():
-        return min(256, triton.next_power_of_2(v))
-    return min(4096, triton.next_power_of_2(v))
-
-
-def launch_config(v: int) -> dict:
-    """The heuristic config of the statistics and gradient kernels over a vocabulary shard
-    of ``v``: one BLOCK_V tile of the shard per loop step, 8 warps."""
-    return dict(BLOCK_V=_block_v(v), num_warps=8)
+def launch_config(kind: str, v: int) -> dict:
+    """The heuristic config (BLOCK_V, num_warps) of the statistics ("stats") or gradient
+    ("grad") kernel over a vocabulary shard of ``v``. Interpreter: 256-wide tiles, so tests
+    cross tile edges. GPU: "grad" writes one 4096-wide tile per program and keeps nothing;
+    "stats" streams a row in 2048-wide steps with up to five per-lane float32 accumulators
+    (8 elements a thread each at 8 warps): at most 79 registers in every variant (sm_90,
+    triton 3.6/3.9; at 4096 wide they took up to 128 and spilled 8 B in float32), so 3 to 6
+    blocks share an SM instead of 2 or 3 (benchmarks/NOTES.md)."""
+    width = 256 if interpreting() else {"stats": 2048, "grad": 4096}[kind]
+    return dict(BLOCK_V=min(width, triton.next_power_of_2(v)), num_warps=8)
 
 
 def shape_class(v: int, dtype: torch.dtype, opts: Options, has_bias: bool) -> str:
@@ -162,11 +162,11 @@ def shape_class(v: int, dtype: torch.dtype, opts: Options, has_bias: bool) -> st
     return configs.shape_class(v=v, dtype=configs.dtype_name(dtype), flags=flags)
 
 
-def candidates(v: int) -> list[dict]:
-    """Configs tune.py times for either kernel: launch_config's first, then BLOCK_V in
-    {1024, 2048, 4096, 8192} (capped at the shard) x num_warps in {4, 8, 16}."""
+def candidates(kind: str, v: int) -> list[dict]:
+    """Configs tune.py times for the "stats" or "grad" kernel: launch_config's first, then
+    BLOCK_V in {1024, 2048, 4096, 8192} (capped at the shard) x num_warps in {4, 8, 16}."""
     cap = triton.next_power_of_2(v)
-    return configs.candidate_list(launch_config(v), *(
+    return configs.candidate_list(launch_config(kind, v), *(
         dict(BLOCK_V=min(b, cap), num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)))
 
 
@@ -185,8 +185,8 @@ class _Problem:
         self.inv_temp = 1.0 / opts.temperature
         self.softcap = float(opts.softcap) if opts.softcap is not None else 1.0
         cls = shape_class(self.v, x.dtype, opts, bias is not None)
-        self.stats_cfg = configs.choose("linear_logprobs.stats", cls, x.device, lambda: launch_config(self.v))
-        self.grad_cfg = configs.choose("linear_logprobs.grad", cls, x.device, lambda: launch_config(self.v))
+        self.stats_cfg = configs.choose("linear_logprobs.stats", cls, x.device, lambda: launch_config("stats", self.v))
+        self.grad_cfg = configs.choose("linear_logprobs.grad", cls, x.device, lambda: launch_config("grad", self.v))
         self._buf = None
 
     def chunks(self):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import types
+from typing import NamedTuple
 
 import torch
 
@@ -36,6 +37,19 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+class StandInGPU(NamedTuple):
+    """The GPU kernels.launch_check compiles for: its name (as torch.cuda.get_device_name
+    gives it: the config table read) and SM count."""
+    name: str
+    sms: int
+
+
+# kernels.launch_check sets this: launchers then take CPU tensors as that GPU's (the device
+# gates pass them, every launch heuristic takes its GPU branch, the config tables are that
+# GPU's) and each launch only compiles. None everywhere else.
+COMPILE_ONLY: StandInGPU | None = None
+
+
 # ---------------------------------------------------------------------------------------
 # host side
 
@@ -44,6 +58,12 @@ def interpreting() -> bool:
     """True when Triton kernels run under the interpreter (CPU tensors, for tests).
     TRITON_INTERPRET must be set before triton is imported for the kernels to be built so."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def gpu_branch(device: torch.device) -> bool:
+    """Whether launch heuristics take their GPU branch for tensors on ``device``: CUDA
+    tensors, or any tensor while kernels.launch_check compiles (``COMPILE_ONLY``)."""
+    return device.type == "cuda" or COMPILE_ONLY is not None
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -72,7 +92,10 @@ def _sm_count(index: int) -> int:
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (the current one when it has no index)."""
+    """Streaming multiprocessors of a CUDA device (the current one when it has no index), or
+    of the GPU that kernels.launch_check compiles for."""
+    if COMPILE_ONLY is not None:
+        return COMPILE_ONLY.sms
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 

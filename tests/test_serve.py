@@ -8,7 +8,6 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,18 +21,19 @@ httpx = pytest.importorskip("httpx")
 from safetensors.torch import load_file  # noqa: E402
 from tinker import types  # noqa: E402
 from tinker.types.tensor_data import TensorData  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from engine.models.presets import save_random_checkpoint  # noqa: E402
 from engine.serve.process import launch  # noqa: E402
-from test_tinker_inprocess import Rows, _chats, rl_loop, sl_loop  # noqa: E402
+from test_tinker_inprocess import check_rl_loop, check_sl_loop  # noqa: E402
 
 NAME = "tiny/Qwen3-test"
 KEY = "tml-test-key"
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, checkpoints: Path, log: Path):
-        self.proc, self.url, self.checkpoints, self.log = proc, url, checkpoints, log
+    def __init__(self, proc: subprocess.Popen, url: str, model: Path, checkpoints: Path, log: Path):
+        self.proc, self.url, self.model, self.checkpoints, self.log = proc, url, model, checkpoints, log
 
     def post(self, path: str, **kwargs) -> httpx.Response:
         return httpx.post(self.url + path, headers={"X-API-Key": KEY, **kwargs.pop("headers", {})}, timeout=60,
@@ -61,7 +61,7 @@ def server(tmp_path_factory):
                                args=("--max-batch-size", "2048"), stderr=err, timeout=120)
         except RuntimeError as e:
             pytest.fail(f"{e}; stderr:\n{log.read_text()}")
-    yield Server(proc, url, root / "checkpoints", log)
+    yield Server(proc, url, model, root / "checkpoints", log)
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -315,60 +315,29 @@ def test_bad_requests_fail_alone(server, service):
     assert "not supported" in server.post("/api/v1/copy_weights", json={}).json()["detail"]
 
 
-class SDKService:
-    """The service the cookbook loops of test_tinker_inprocess take (its ``LocalService`` is
-    the in-process one), over the real SDK: ``tinker.ServiceClient``'s create_* return
-    futures of clients, and the server releases a client when its session ends."""
+@pytest.fixture
+def new_service_client(server):
+    """The cookbook's ``tinker.ServiceClient(base_url=config.base_url, user_metadata=...)``
+    (test_tinker_inprocess's twin constructs ``engine.ServiceClient(models=...)``); each
+    session is finished at the end, as the recipe's process would end."""
+    made = []
 
-    def __init__(self, client):
-        self.client = client
-
-    def create_lora_training_client(self, base_model: str, rank: int):
-        return _Closable(self.client.create_lora_training_client(base_model=base_model, rank=rank).result())
-
-    def create_training_client_from_state_with_optimizer(self, base_model: str, path: str):
-        return _Closable(self.client.create_training_client_from_state_with_optimizer(path).result())
-
-
-class _Closable:
-    def __init__(self, client):
-        self._client = client
-
-    def __getattr__(self, name):
-        return getattr(self._client, name)
-
-    def close(self) -> None:
-        pass
+    def new(**kwargs):
+        made.append(tinker.ServiceClient(base_url=server.url, api_key=KEY, **kwargs))
+        return made[-1]
+    yield new
+    for client in made:
+        client.close("success").result()
 
 
-def test_cookbook_loops(server, service, tmp_path):
-    """The cookbook's sl_loop and rl_loop logic (test_tinker_inprocess's copies) against the
-    server: the NLL falls, a run killed after its step-2 checkpoint and resumed logs exactly
-    the uninterrupted run's metrics, and RL batches are on-policy."""
-    tokenizer = service.create_lora_training_client(base_model=NAME, rank=4).result().get_tokenizer()
-    sdk = SDKService(service)
-
-    def config(name, **kw):
-        (tmp_path / name).mkdir(exist_ok=True)
-        return SimpleNamespace(**{**dict(log_path=tmp_path / name, model_name=NAME, batch_size=4, learning_rate=2e-2,
-                                         max_length=64, lora_rank=8, save_every=2, ttl_seconds=604800,
-                                         max_steps=None), **kw})
-
-    whole = sl_loop(sdk, config("whole"), Rows(_chats(16)), tokenizer, types)
-    nll = [m["train_mean_nll"] for m in whole]
-    assert len(whole) == 4 and nll[-1] < nll[0], nll
-    with pytest.raises(KeyboardInterrupt):
-        sl_loop(sdk, config("resumed"), Rows(_chats(16), crash_at=12), tokenizer, types)
-    resumed = sl_loop(sdk, config("resumed"), Rows(_chats(16)), tokenizer, types)
-    assert [m["step"] for m in resumed] == [2, 3] and resumed == whole[2:]
-    problems = [(f"spell {w} backwards", w[::-1]) for w in ("abc", "tinker", "kernel", "engine")]
-    rl = SimpleNamespace(model_name=NAME, batch_size=2, group_size=4, learning_rate=5e-2, lora_rank=8, max_tokens=6)
-    logged = rl_loop(sdk, rl, problems, tokenizer, types, "importance_sampling")
-    assert [m["step"] for m, _ in logged] == [1.0, 2.0]  # every batch had groups to learn from
-    for metrics, check in logged:
-        assert metrics["grad_norm"] > 0
-        for _, sampler_lp, learner_lp in check:
-            torch.testing.assert_close(torch.tensor(learner_lp), torch.tensor(sampler_lp), rtol=0, atol=1e-4)
+def test_cookbook_loops(server, tmp_path, new_service_client):
+    """The cookbook's sl_loop and rl_loop logic (test_tinker_inprocess's copies and checks)
+    against the server: the NLL falls, a run killed after its step-2 checkpoint and resumed
+    logs exactly the uninterrupted run's metrics, and RL batches are on-policy."""
+    tokenizer = AutoTokenizer.from_pretrained(server.model)  # tokenizer_utils.get_tokenizer(model_name)
+    final = check_sl_loop(NAME, tmp_path / "sl", tokenizer, types, new_service_client)
+    assert final.state_path.startswith("tinker://") and final.sampler_path.endswith("/sampler_weights/final")
+    check_rl_loop(NAME, tmp_path / "rl", tokenizer, types, new_service_client, "importance_sampling")
 
 
 def test_sigterm_fails_pending_requests_and_exits(server, service):

@@ -2,6 +2,7 @@
 and the worker pool's failure handling."""
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 
@@ -160,6 +161,21 @@ def test_worker_failure_surfaces_quickly(fn, match):
     _assert_no_children()
     with pytest.raises(WorkerError, match="closed"):
         pool.run(_fail_on_rank1)
+
+
+def _interrupt_self(state):
+    os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C in the terminal reaches every process of its group
+    time.sleep(0.1)
+    return dist.get_rank()
+
+
+def test_workers_leave_ctrl_c_to_the_caller():
+    """Workers ignore SIGINT (the caller handles it and closes the pool): no KeyboardInterrupt
+    in a worker, and the pool keeps serving."""
+    with WorkerPool(2, _noop_setup, timeout_s=60) as pool:
+        assert pool.run(_interrupt_self) == [0, 1]
+        assert pool.run(_interrupt_self) == [0, 1]
+    _assert_no_children()
 
 
 def test_same_code_under_torchrun(checkpoint, tmp_path):

@@ -1,13 +1,17 @@
 """Tinker code in-process (issue 17, part 2): the logic of the cookbook's minimal loops
 (tinker_cookbook/recipes/sl_loop.py and rl_loop.py) with local data on a tiny random
-checkpoint that ships a tokenizer, changing only the client construction; and each Tinker
-shape those loops and their helpers rely on. The loops run on ``engine.types`` and, when
-the ``tinker`` SDK is installed, on ``tinker.types`` (only the clients are ours)."""
+checkpoint that ships a tokenizer, changing only the client construction
+(``engine.ServiceClient(models=...)`` for ``tinker.ServiceClient(base_url=...)``: test_serve
+runs the same loops against ``python -m engine serve``); ``engine.ServiceClient`` itself; and
+each Tinker shape those loops and their helpers rely on. The loops run on ``engine.types``
+and, when the ``tinker`` SDK is installed, on ``tinker.types`` (only the clients are ours)."""
 import asyncio
 import concurrent.futures
 import gc
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +21,8 @@ from transformers import AutoTokenizer
 
 import engine
 from engine import types as engine_types
+
+NAME = "tiny/Qwen3-random"  # the base_model name the in-process service serves
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +37,19 @@ def types(request):
     return engine_types
 
 
-class LocalService:
-    """What replaces ``tinker.ServiceClient(base_url=...)`` in a port: the client
-    construction, and nothing else."""
+@pytest.fixture
+def new_service_client(ckpt, tmp_path):
+    """The cookbook's ``tinker.ServiceClient(base_url=config.base_url, user_metadata=...)``,
+    in-process; each service client made is closed at the end, as the process would end."""
+    made = []
 
-    def __init__(self, checkpoint_dir: Path):
-        self.checkpoint_dir = checkpoint_dir
-
-    def create_lora_training_client(self, base_model: str, rank: int):
-        return engine.model(base_model).with_adapter(rank=rank).spawn_train(max_batch_size=4096,
-                                                                              checkpoint_dir=self.checkpoint_dir)
-
-    def create_training_client_from_state_with_optimizer(self, base_model: str, path: str):
-        lora = json.loads((Path(path) / "state.json").read_text())["lora"]
-        client = self.create_lora_training_client(base_model, lora["rank"])
-        client.load_state_with_optimizer(path).result()
-        return client
+    def new(**kwargs):
+        made.append(engine.ServiceClient(models={NAME: ckpt}, checkpoint_dir=tmp_path / "checkpoints",
+                                         max_batch_size=4096, **kwargs))
+        return made[-1]
+    yield new
+    for client in made:
+        client.close("success").result()
 
 
 # -- the cookbook's helpers, as the loops call them ------------------------------------------------
@@ -96,6 +99,16 @@ def conversation_to_datum(types, tokenizer, messages, max_length):
                                        "weights": types.TensorData.from_torch(w / w.sum())})
 
 
+def resume_or_start(service_client, config):
+    """The block both recipes open with: resume from the last checkpoint with its optimizer
+    state, or start a LoRA training client (the futures are used as the clients)."""
+    resume_info = get_last_checkpoint(config.log_path)
+    if resume_info:
+        return service_client.create_training_client_from_state_with_optimizer(resume_info.state_path), \
+            resume_info.batch
+    return service_client.create_lora_training_client(base_model=config.model_name, rank=config.lora_rank), 0
+
+
 class Rows:
     """A local dataset (``select(range)`` of rows, as datasets.Dataset); ``crash_at``: the
     batch start at which it raises, as a run killed there would stop."""
@@ -113,17 +126,12 @@ class Rows:
 
 
 # -- sl_loop.py ------------------------------------------------------------------------------------
-def sl_loop(service, config, dataset, tokenizer, types):
-    """The cookbook's sl_loop.main with its logging reduced to a list of per-step metrics."""
+def sl_loop(config, dataset, tokenizer, types, new_service_client):
+    """The cookbook's sl_loop.main, its ``tinker.ServiceClient(...)`` being
+    ``new_service_client(...)`` and its logging a list of per-step metrics."""
     n_train_batches = len(dataset) // config.batch_size
-    resume_info = get_last_checkpoint(config.log_path)
-    if resume_info:
-        training_client = service.create_training_client_from_state_with_optimizer(config.model_name,
-                                                                                    resume_info.state_path)
-        start_batch = resume_info.batch
-    else:
-        training_client = service.create_lora_training_client(base_model=config.model_name, rank=config.lora_rank)
-        start_batch = 0
+    service_client = new_service_client(user_metadata={"recipe": "recipe_sl_loop"})
+    training_client, start_batch = resume_or_start(service_client, config)
     logged = []
     for batch_idx in range(start_batch, n_train_batches):
         if config.max_steps is not None and batch_idx >= config.max_steps:
@@ -151,8 +159,8 @@ def sl_loop(service, config, dataset, tokenizer, types):
                        num_tokens=sum(d.model_input.length for d in batch),
                        train_mean_nll=compute_mean_nll(train_logprobs, train_weights))
         logged.append(metrics)
-    save_checkpoint(training_client, "final", config.log_path, {"batch": n_train_batches}, kind="both")
-    training_client.close()
+    save_checkpoint(training_client, "final", config.log_path, {"batch": n_train_batches}, kind="both",
+                    ttl_seconds=None)
     return logged
 
 
@@ -164,28 +172,30 @@ def _chats(n):
                           {"role": "assistant", "content": w[::-1]}]} for w in words[:n]]
 
 
-def test_sl_loop_ports_and_resumes(ckpt, tmp_path, types):
+def check_sl_loop(model_name, tmp_path, tokenizer, types, new_service_client):
     """sl_loop's logic: the training NLL falls; a run killed after its step-2 checkpoint,
     resumed from checkpoints.jsonl with its optimizer state, logs exactly the metrics of an
-    uninterrupted run; the final checkpoint holds a state and a sampler export."""
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)  # tokenizer_utils.get_tokenizer(model_name)
+    uninterrupted run; the final checkpoint holds a state and a sampler export. Returns
+    that record."""
+    def config(name):
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(log_path=tmp_path / name, model_name=model_name, batch_size=4, learning_rate=2e-2,
+                               max_length=64, lora_rank=8, save_every=2, ttl_seconds=604800, max_steps=None)
 
-    def config(name, **kw):
-        (tmp_path / name).mkdir(exist_ok=True)
-        return SimpleNamespace(**{**dict(log_path=tmp_path / name, model_name=str(ckpt), batch_size=4,
-                                         learning_rate=2e-2, max_length=64, lora_rank=8, save_every=2,
-                                         ttl_seconds=604800, max_steps=None), **kw})
-
-    service = LocalService(tmp_path / "checkpoints")
-    whole = sl_loop(service, config("whole"), Rows(_chats(16)), tokenizer, types)
+    whole = sl_loop(config("whole"), Rows(_chats(16)), tokenizer, types, new_service_client)
     nll = [m["train_mean_nll"] for m in whole]
     assert len(whole) == 4 and all(math.isfinite(x) for x in nll) and nll[-1] < nll[0], nll
     with pytest.raises(KeyboardInterrupt):
-        sl_loop(service, config("resumed"), Rows(_chats(16), crash_at=12), tokenizer, types)
-    resumed = sl_loop(service, config("resumed"), Rows(_chats(16)), tokenizer, types)
+        sl_loop(config("resumed"), Rows(_chats(16), crash_at=12), tokenizer, types, new_service_client)
+    resumed = sl_loop(config("resumed"), Rows(_chats(16)), tokenizer, types, new_service_client)
     assert [m["step"] for m in resumed] == [2, 3]
     assert resumed == whole[2:]
-    final = get_last_checkpoint(tmp_path / "resumed")
+    return get_last_checkpoint(tmp_path / "resumed")
+
+
+def test_sl_loop_ports_and_resumes(ckpt, tmp_path, types, new_service_client):
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)  # tokenizer_utils.get_tokenizer(model_name)
+    final = check_sl_loop(NAME, tmp_path, tokenizer, types, new_service_client)
     assert (Path(final.state_path) / "state.json").is_file()
     assert (Path(final.sampler_path) / "adapter_config.json").is_file()
 
@@ -197,18 +207,24 @@ def get_reward(response: str, answer: str) -> float:
     return min(len(response), len(answer)) / len(answer)
 
 
-def rl_loop(service, config, problems, tokenizer, types, loss_fn):
-    """The cookbook's rl_loop.main (GRPO-style centred rewards), on local problems; returns
-    per batch the metrics and, per datum, (observation length, sampler logprobs, learner
-    logprobs) to check that the loop is on-policy."""
-    training_client = service.create_lora_training_client(base_model=config.model_name, rank=config.lora_rank)
-    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    sampling_params = types.SamplingParams(max_tokens=config.max_tokens, stop=stop, temperature=1.0)
-    adam_params = types.AdamParams(learning_rate=config.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
+def rl_loop(config, problems, tokenizer, types, new_service_client):
+    """The cookbook's rl_loop.main (GRPO-style centred rewards) on local problems, its
+    ``tinker.ServiceClient(...)`` being ``new_service_client(...)``; returns per batch the
+    metrics and, per datum, (observation length, sampler logprobs, learner logprobs) to check
+    that the loop is on-policy."""
     n_train_batches = len(problems) // config.batch_size
+    service_client = new_service_client(user_metadata={"recipe": "recipe_rl_loop"})
+    training_client, start_batch = resume_or_start(service_client, config)
+    sampling_params = types.SamplingParams(max_tokens=config.max_tokens,
+                                           stop=[tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    adam_params = types.AdamParams(learning_rate=config.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
     logged = []
-    for batch_idx in range(n_train_batches):
-        metrics = {"progress/batch": batch_idx}
+    for batch_idx in range(start_batch, n_train_batches):
+        metrics = {"progress/batch": batch_idx, "optim/lr": config.learning_rate,
+                   "progress/done_frac": (batch_idx + 1) / n_train_batches}
+        if config.save_every > 0 and batch_idx % config.save_every == 0 and batch_idx > 0:
+            save_checkpoint(training_client, f"{batch_idx:06d}", config.log_path, {"batch": batch_idx},
+                            kind="state", ttl_seconds=config.ttl_seconds)
         batch_rows = problems[batch_idx * config.batch_size:(batch_idx + 1) * config.batch_size]
         sampling_client = training_client.save_weights_and_get_sampling_client()
         datums_D, rewards_P, futures_P, prompts_P = [], [], [], []
@@ -246,34 +262,132 @@ def rl_loop(service, config, problems, tokenizer, types, loss_fn):
                     "advantages": types.TensorData.from_torch(torch.tensor(padded_advantages))}))
                 check.append((ob_len, logprobs))
         if datums_D:
-            fwd_bwd_future = training_client.forward_backward(datums_D, loss_fn=loss_fn)
+            fwd_bwd_future = training_client.forward_backward(datums_D, loss_fn=config.loss_fn)
             optim_step_future = training_client.optim_step(adam_params)
             fwd_bwd_result = fwd_bwd_future.result()
             optim_result = optim_step_future.result()
-            metrics.update(optim_result.metrics)
+            if optim_result.metrics:
+                metrics.update(optim_result.metrics)
             check = [(ob, lp, out["logprobs"].to_torch()[ob:].tolist())
                      for (ob, lp), out in zip(check, fwd_bwd_result.loss_fn_outputs)]
         metrics["reward/total"] = sum(rewards_P) / len(rewards_P)
         logged.append((metrics, check))
-    training_client.close()
+    save_checkpoint(training_client, "final", config.log_path, {"batch": n_train_batches}, kind="both",
+                    ttl_seconds=None)
     return logged
 
 
-@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo"])
-def test_rl_loop_ports_on_policy(ckpt, tmp_path, types, loss_fn):
+def check_rl_loop(model_name, tmp_path, tokenizer, types, new_service_client, loss_fn):
     """rl_loop's logic: each batch samples a snapshot of the weights, centres the rewards,
     and trains on them; the learner's logprobs of the sampled tokens equal the sampler's
     (the snapshot is of exactly the weights being trained: on-policy)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     problems = [(f"spell {w} backwards", w[::-1]) for w in ("abc", "tinker", "kernel", "engine")]
-    config = SimpleNamespace(model_name=str(ckpt), batch_size=2, group_size=4, learning_rate=5e-2, lora_rank=8,
-                             max_tokens=6)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)  # tokenizer_utils.get_tokenizer(model_name)
-    logged = rl_loop(LocalService(tmp_path), config, problems, tokenizer, types, loss_fn)
+    config = SimpleNamespace(log_path=tmp_path, model_name=model_name, batch_size=2, group_size=4,
+                             learning_rate=5e-2, lora_rank=8, save_every=1, max_tokens=6, ttl_seconds=604800,
+                             loss_fn=loss_fn)
+    logged = rl_loop(config, problems, tokenizer, types, new_service_client)
     assert [m["step"] for m, _ in logged] == [1.0, 2.0]  # every batch had groups to learn from
     for metrics, check in logged:
         assert math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
         for _, sampler_lp, learner_lp in check:
             torch.testing.assert_close(torch.tensor(learner_lp), torch.tensor(sampler_lp), rtol=0, atol=1e-4)
+    assert [r["name"] for r in map(json.loads, (tmp_path / "checkpoints.jsonl").read_text().splitlines())] == [
+        "000001", "final"]
+
+
+@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo"])
+def test_rl_loop_ports_on_policy(ckpt, tmp_path, types, new_service_client, loss_fn):
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)  # tokenizer_utils.get_tokenizer(model_name)
+    check_rl_loop(NAME, tmp_path / "log", tokenizer, types, new_service_client, loss_fn)
+
+
+# -- engine.ServiceClient ----------------------------------------------------------------------------
+def test_service_client_shares_the_base_and_finds_the_base_of_saved_paths(ckpt, tmp_path):
+    """Training clients on one base share its weights, each training its own adapter; a
+    create_* future is usable as the client, an _async form gives the client; what a save
+    returned starts a new client by itself (its run.json names the base); the capabilities
+    list the served models."""
+    with engine.ServiceClient(models={NAME: ckpt}, checkpoint_dir=tmp_path, max_batch_size=512) as service:
+        (model,) = service.get_server_capabilities().supported_models
+        assert (model.model_name, model.trainable, model.sampleable) == (NAME, True, True)
+        assert model.max_context_length > 0
+        a = service.create_lora_training_client(NAME, rank=4)  # used as the client
+        b = asyncio.run(service.create_lora_training_client_async(base_model=NAME, rank=2, seed=3, train_mlp=False))
+        same = service.create_lora_training_client(NAME, rank=2, seed=3, train_mlp=False).result()
+        unseeded = service.create_lora_training_client(NAME, rank=2, train_mlp=False).result()  # seed 0
+
+        def adapter(tm):
+            return torch.cat([p.detach().flatten() for _, p in tm._trainer.params])
+        assert torch.equal(adapter(same), adapter(b)) and not torch.equal(adapter(unseeded), adapter(b))
+        info = a.get_info()
+        assert (info.model_name, info.model_data.model_name, info.lora_rank) == (NAME, NAME, 4)
+        assert info.model_data.tokenizer_id == str(ckpt) and info.lora["target_modules"] == [
+            "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+        assert b.get_info().lora["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        assert a.result()._trainer.model.embed.weight is b._trainer.model.embed.weight
+        data = [_datum(7), _datum(8, n=5)]
+        before = b.forward(data, "cross_entropy").result().loss
+        a.forward_backward(data, "cross_entropy")
+        a.optim_step(engine.AdamParams(5e-2)).result()
+        assert b.forward(data, "cross_entropy").result().loss == before
+        tokens = data[0].model_input.to_ints() + data[0].loss_fn_inputs["target_tokens"].tolist()[-1:]
+        learner = a.forward(data[:1], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_torch()
+        base = service.create_sampling_client(base_model=NAME)
+        assert base.get_base_model() == NAME and base.get_tokenizer().eos_token_id == 256
+        export = a.save_weights_for_sampler("export").result()
+        by_path = asyncio.run(service.create_sampling_client_async(model_path=export))
+        assert by_path.engine is base.engine  # one sampler per base, adapters per request
+        torch.testing.assert_close(torch.tensor(by_path.compute_logprobs(tokens).result()[1:]), learner,
+                                   rtol=0, atol=1e-4)
+        assert not torch.allclose(torch.tensor(base.compute_logprobs(tokens).result()[1:]), learner, atol=1e-3)
+        state = a.save_state("state").result()
+        assert json.loads((Path(state.path).parent / "run.json").read_text())["base_model"] == NAME
+        resumed = service.create_training_client_from_state_with_optimizer(state.path).result()
+        fresh = service.create_training_client_from_state(state).result()  # weights only: Adam starts again
+        assert (resumed.get_info().step, fresh.get_info().step) == (1, 0)
+        for client in (resumed, fresh):
+            assert client.forward(data, "cross_entropy").result().loss == a.forward(data, "cross_entropy").result().loss
+    with pytest.raises(RuntimeError, match="ServiceClient is closed"):
+        service.create_sampling_client(base_model=NAME)
+    engine.register_model("qwen3-random", ckpt)  # models=None: the registered names
+    assert "qwen3-random" in [m.model_name for m in engine.ServiceClient().get_server_capabilities().supported_models]
+
+
+def test_service_client_refuses_what_it_cannot_honour(ckpt, tmp_path):
+    with pytest.raises(ValueError, match="base_url='http://127.0.0.1:8000': engine.ServiceClient runs in this process"):
+        engine.ServiceClient(models={NAME: ckpt}, base_url="http://127.0.0.1:8000")
+    with pytest.raises(FileNotFoundError, match=r"models\['m'\]: .* is not a checkpoint folder"):
+        engine.ServiceClient(models={"m": tmp_path})
+    with pytest.raises(ValueError, match="models must map base_model names"):
+        engine.ServiceClient(models={})
+    with pytest.raises(ValueError, match="max_batch_size must be a positive int"):
+        engine.ServiceClient(models={NAME: ckpt}, max_batch_size=0)
+    with engine.ServiceClient(models={NAME: ckpt}, checkpoint_dir=tmp_path / "ckpt", max_batch_size=512) as service:
+        with pytest.raises(ValueError, match="Either model_path or base_model must be provided"):
+            service.create_sampling_client()
+        export = service.create_lora_training_client(NAME, rank=2).save_weights_for_sampler("x").result().path
+        copied = tmp_path / "copied"
+        shutil.copytree(export, copied)
+        failing = {
+            "base_model 'nope' is not served; served: ['tiny/Qwen3-random']":
+                service.create_lora_training_client("nope"),
+            "train_attn and train_mlp are both False": service.create_lora_training_client(NAME, train_mlp=False,
+                                                                                           train_attn=False),
+            "optimizer type 'dimuon' is not supported": service.create_lora_training_client(
+                NAME, optimizer={"type": "dimuon"}),
+            "holds no training state": service.create_training_client_from_state(tmp_path),
+            "holds no LoRA adapter": service.create_sampling_client(model_path=tmp_path),
+            "no run.json beside it": service.create_sampling_client(model_path=copied),
+            "record_stability_info=True is not supported": service.create_sampling_client(
+                base_model=NAME, record_stability_info=True)}
+        for match, future in failing.items():
+            with pytest.raises((ValueError, FileNotFoundError), match=re.escape(match)):
+                future.result()
+        named = service.create_sampling_client(model_path=copied, base_model=NAME).result()  # the base, named
+        assert len(named.compute_logprobs([1, 2, 3]).result()) == 3
+        with pytest.raises(ValueError, match="status must be one of"):
+            service.close("done")
 
 
 # -- the shapes, one by one ------------------------------------------------------------------------

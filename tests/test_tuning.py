@@ -114,7 +114,8 @@ def test_candidates_start_with_the_heuristic_and_share_its_form():
     lists = [(varlen_attention_triton.candidates(k, d, bf16), varlen_attention_triton.config(k, d, bf16))
              for k in ("fwd", "dkdv", "dq") for d in (64, 128)]
     lists.append((paged.decode_candidates(128, bf16), None))
-    lists.append((linear_logprobs_triton.candidates(151936), linear_logprobs_triton.launch_config(151936)))
+    lists += [(linear_logprobs_triton.candidates(k, 151936), linear_logprobs_triton.launch_config(k, 151936))
+              for k in ("stats", "grad")]
     lists += [(lora_triton.block_candidates(k, 16, False), None) for k in ("shrink", "expand", "dy", "dx")]
     lists.append((lowrank_gemm.candidates(True), "cublas"))
     for cands, heuristic in lists:

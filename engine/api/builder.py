@@ -33,6 +33,11 @@ def register_model(name: str, path: str | Path) -> None:
     _REGISTRY[name] = Path(path)
 
 
+def registered_models() -> dict[str, Path]:
+    """Every name ``register_model`` made, with its folder."""
+    return dict(_REGISTRY)
+
+
 def resolve_path(path_or_name: str | Path) -> Path:
     s = str(path_or_name)
     if s.startswith(_SCHEME):
@@ -79,14 +84,22 @@ class ModelBuilder:
         return self._with(dp=n)
 
     def with_adapter(self, rank: int = 16, alpha: float | None = None, target_modules=None,
-                     dropout: float = 0.0) -> "ModelBuilder":
+                     dropout: float = 0.0, seed: int = 0) -> "ModelBuilder":
         """Train a LoRA adapter (PEFT semantics; default alpha = 2 * rank, every linear layer)
-        instead of the full weights."""
+        instead of the full weights. ``seed`` draws the A matrices (B starts at zero)."""
         if target_modules is not None and not isinstance(target_modules, str) and len(list(target_modules)) == 0:
             raise ValueError("target_modules=[] names no layer to adapt; leave it None for every linear layer, "
                              "or name them (PEFT's names, e.g. ['q_proj', 'v_proj'])")
         return self._with(adapter=dict(rank=rank, alpha=2 * rank if alpha is None else alpha,
-                                       targets=target_modules, dropout=dropout))
+                                       targets=target_modules, dropout=dropout, seed=seed))
+
+    def named(self, name: str) -> "ModelBuilder":
+        """The name the models report (``get_info().model_name``, ``get_base_model()``) in
+        place of the path or registered name it was opened with (a served base model's name,
+        e.g. ``"Qwen/Qwen3-0.6B"``)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        return self._with(name=name)
 
     def into_scoring_model(self) -> "ModelBuilder":
         """A scalar value head on the final hidden states instead of the LM head (value and
@@ -152,6 +165,8 @@ class ModelBuilder:
                 raise ValueError(f"with_adapter: alpha must be positive, got {a['alpha']!r}")
             if not 0.0 <= a["dropout"] < 1.0:
                 raise ValueError(f"with_adapter: dropout must be in [0, 1), got {a['dropout']!r}")
+            if isinstance(a["seed"], bool) or not isinstance(a["seed"], int):
+                raise ValueError(f"with_adapter: seed must be an int, got {a['seed']!r}")
         load_config(self._path)  # an unsupported model_type fails here, before any weights load
         return dtype, device
 
@@ -183,7 +198,8 @@ class ModelBuilder:
         else:
             model = self._load(dtype, device)
             if adapter is not None:
-                add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"])
+                add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"],
+                         seed=adapter["seed"])
             if self._activation_checkpointing:
                 enable_activation_checkpointing(model)
             trainer = Trainer(model, max_batch_size=max_batch_size, scoring=self._scoring, lora=adapter is not None)

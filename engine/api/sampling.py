@@ -29,9 +29,9 @@ from .types import Future
 
 
 class ClientFuture(Future):
-    """A future of a sampling client that is also usable as the client, as Tinker 0.38's
-    (``.result()`` / ``await`` give the client; ``sample``, ``compute_logprobs`` and every
-    other public attribute of the client wait for it, then answer as it does)."""
+    """A future of a client (sampling or training) that is also usable as the client, as
+    Tinker 0.38's (``.result()`` / ``await`` give the client; ``sample``, ``forward_backward``
+    and every other public attribute of the client wait for it, then answer as it does)."""
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

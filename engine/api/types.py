@@ -291,6 +291,22 @@ class ModelData:
 
 
 @dataclass
+class SupportedModel:
+    """One model of ``ServiceClient.get_server_capabilities()``: the ``base_model`` name,
+    its context length, and whether clients may train on it and sample it."""
+
+    model_name: str | None = None
+    max_context_length: int | None = None
+    trainable: bool | None = None
+    sampleable: bool | None = None
+
+
+@dataclass
+class GetServerCapabilitiesResponse:
+    supported_models: list[SupportedModel]
+
+
+@dataclass
 class GetInfoResponse:
     """``TrainingModel.get_info()``: Tinker's fields (``model_id``, ``model_data``,
     ``is_lora``, ``lora_rank``, ``model_name``), then this engine's: the optimizer ``step``,

@@ -11,6 +11,9 @@ The same setup code runs unchanged under ``torchrun``: call ``init_distributed()
 rank (``init_distributed(tp=t)`` for a ``(world / t, t)`` mesh), then ``setup(ctx, ...)``
 yourself, and ``shutdown()`` last.
 
+Workers ignore SIGINT: a Ctrl-C, which a terminal sends to every process of the group,
+is the caller's to handle (it closes the pool, so the workers exit).
+
 Failures: a worker that raises reports the exception with its rank and traceback; a worker
 that dies is noticed by polling its exit code. Either way ``run`` raises ``WorkerError``
 naming the rank at once. When every rank answered (each returned or raised) the pool stays
@@ -147,6 +150,10 @@ def free_port() -> int:
 
 
 def _worker(rank, world, tp, port, timeout_s, conn, setup, args):
+    # Ctrl-C in a terminal reaches the whole process group: the parent handles it and closes
+    # the pool (EOF on the pipe ends ``_serve``); a worker that also raised KeyboardInterrupt
+    # would print its own traceback and could leave its peers waiting in a collective.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

@@ -21,14 +21,13 @@ from typing import Any, Callable
 
 from engine.api import AdamParams, Datum, ModelInput, TrainingModel
 from engine.api import model as open_model
+from engine.api.service import check_optimizer, lora_targets
 from engine.models import load_config
 
 from . import wire
 from .checkpoints import CheckpointDir, check_name
 from .futures import Futures, Reply, SeqQueue, json_reply, settle
 
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 _EPHEMERAL = "ephemeral-"  # sampler snapshots that only a sampling session names
 _UNSUPPORTED_SAMPLE = ("topk_prompt_logprobs", "topk_sample_logprobs", "target_prompt_logprobs",
                        "prompt_alt_tokens_k", "prompt_logprobs_last_n", "record_stability_info")
@@ -132,14 +131,13 @@ class Service:
         return run
 
     def _spawn(self, run: Run, lora: dict) -> TrainingModel:
-        targets = (_ATTN if lora.get("train_attn", True) else ()) + (_MLP if lora.get("train_mlp", True) else ())
-        if not targets:
-            raise ValueError("lora_config: train_attn and train_mlp are both false; this server adapts attention "
-                             "and/or MLP layers (train_unembed alone is not supported)")
+        targets = lora_targets(lora.get("train_mlp", True), lora.get("train_attn", True),
+                               lora.get("train_unembed", True))
         rank = lora.get("rank")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"lora_config.rank must be a positive int, got {rank!r}")
-        builder = run.base.builder.with_adapter(rank=rank, target_modules=list(targets))
+        seed = 0 if lora.get("seed") is None else lora["seed"]  # None: the engine's fixed seed, as in-process
+        builder = run.base.builder.with_adapter(rank=rank, target_modules=targets, seed=seed)
         return builder.spawn_train(self.max_batch_size, checkpoint_dir=self.checkpoints.root)
 
     def _start(self, run: Run, lora: dict, model: TrainingModel) -> None:
@@ -154,10 +152,7 @@ class Service:
                 lora = body.get("lora_config")
                 if not isinstance(lora, dict):
                     raise ValueError("lora_config is missing; this server trains LoRA adapters only")
-                optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
-                if optimizer != "adamw":
-                    raise ValueError(f"optimizer_config.type {optimizer!r} is not supported; this server runs "
-                                     "AdamW ('adamw')")
+                check_optimizer(body.get("optimizer_config"))
                 self._start(run, lora, await self._blocking(self._spawn, run, lora))
             except BaseException:
                 self.runs.pop(run.model_id, None)

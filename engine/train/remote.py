@@ -20,10 +20,11 @@ from .trainer import Trainer, custom_step, enable_activation_checkpointing
 def setup_rank(ctx, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size) -> Trainer:
     """One rank's Trainer (its shard of the model, its replica's dp group): WorkerPool's
     setup, and the same call in a script that torchrun launched (``ctx = init_distributed(tp=t)``).
-    ``adapter``: None or dict(rank=, alpha=, targets=, dropout=)."""
+    ``adapter``: None or dict(rank=, alpha=, targets=, dropout=, seed=)."""
     model = load_tp_model(path, ctx.group, dtype=dtype, device=ctx.device)
     if adapter is not None:
-        add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"])
+        add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"],
+                 seed=adapter["seed"])
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     return Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None,

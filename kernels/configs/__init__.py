@@ -48,6 +48,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from .. import triton_base
+
 DIR = Path(__file__).resolve().parent
 ENV_DIR = "ENGINE_KERNEL_CONFIGS"
 T = TypeVar("T")
@@ -70,9 +72,10 @@ def _cuda_name(index: int) -> str:
 
 
 def device_name(device: torch.device) -> str | None:
-    """The name a CUDA device's table is filed under; None for other devices (no table)."""
+    """The name a CUDA device's table is filed under; None for other devices (no table),
+    except while kernels.launch_check compiles for a stand-in GPU: that GPU's name."""
     if device.type != "cuda":
-        return None
+        return triton_base.COMPILE_ONLY.name if triton_base.COMPILE_ONLY is not None else None
     return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
