@@ -182,15 +182,22 @@ def test_two_node_torchrun_dp2_tp2_equals_one_process(checkpoint, reference, tmp
 
 def test_ray_tp2_equals_one_process(checkpoint, reference, tmp_path):
     """``ray.init`` called: spawn_train places its ranks as Ray actors in a placement group
-    (here a local Ray cluster) and trains as one process does."""
+    (here a local Ray cluster) and trains as one process does; an error on one rank fails
+    its call alone, naming the rank."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'engine[ray]'")
-    from engine.parallel import RayWorkerPool
+    from engine.parallel import RayWorkerPool, WorkerError
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tm = _builder(checkpoint("qwen3"), False, tp=2).spawn_train(max_batch_size=24)
         try:
-            assert isinstance(tm._trainer.pool, RayWorkerPool) and tm._trainer.pool.world == 2
+            pool = tm._trainer.pool
+            assert isinstance(pool, RayWorkerPool) and pool.world == 2
+            from engine.train.remote import _call
+
+            with pytest.raises(WorkerError, match="rank 1 raised FileNotFoundError: .*no such folder") as err:
+                pool.run(_call, "load_state", tmp_path / "missing", False)
+            assert not err.value.pool_closed  # every rank answered: that call alone failed
             got = _train(tm, tmp_path)
         finally:
             tm.close()

@@ -7,6 +7,8 @@ has GPUs; ``PACK``, so the ranks of a tp group land on one node when they fit), 
 actor per bundle, and each actor joins torch.distributed at rank 0's address
 (``init_distributed(tp=tp)``, the same as a local worker or a torchrun rank) and runs
 ``state = setup(ctx, *args)``. ``run(fn, *args)`` calls ``fn(state, *args)`` on every rank.
+Ray pickles ``setup`` and ``fn`` by reference: they must be importable on every node (the
+engine's own are; a script's own functions need Ray's ``runtime_env`` ``py_modules``).
 
 Chosen by ``spawn_train(..., launcher="ray")``, or by default when ``ray.init`` was called in
 this process (``start_pool``); Ray is the optional extra ``engine[ray]``.
