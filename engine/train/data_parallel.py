@@ -85,7 +85,8 @@ def owners(sizes: list[int], dp: int) -> list[int]:
 def agreed_sizes(params: list[torch.nn.Parameter], tp_group) -> list[int]:
     """Parameter sizes equal on every rank of the mesh (tp ranks' shards may differ by a
     vocabulary row: the largest counts)."""
-    sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    device = params[0].device if params else torch.device("cpu")  # NCCL reduces device tensors only
+    sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
     if tp_group is not None and len(params):
         dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=tp_group)
     return sizes.tolist()
