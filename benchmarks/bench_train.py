@@ -54,7 +54,9 @@ def _peak(step) -> float | None:
 
 
 def engine_step(ckpt: Path, seqs: list[list[int]], dtype, device, lora: bool):
-    b = engine.model(ckpt).dtype(dtype).device(device)
+    # Plain bf16 AdamW, as transformers_step's below: master weights (the engine's default,
+    # 18 B per parameter instead of 8 B) would make the memory columns incomparable.
+    b = engine.model(ckpt).dtype(dtype).device(device).master_weights(False)
     if lora:
         b = b.with_adapter(rank=16, alpha=32)
     trainer = b.spawn_train(max_batch_size=sum(len(s) for s in seqs))

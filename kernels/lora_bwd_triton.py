@@ -53,7 +53,7 @@ def lora_dy_kernel(dy_ptr, stride_dyn, b_ptr, stride_bo, stride_br, xa_ptr, dyb_
         tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def lora_dx_kernel(x_ptr, stride_xn, a_ptr, stride_ar, stride_ak, dyb_ptr, stride_dybn, dx_ptr, stride_dxn, da_ptr,
                    N, K, R, n_per_split, scale, seed, p, inv_keep,
                    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,

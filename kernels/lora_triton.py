@@ -88,7 +88,7 @@ def _adapter_products(acc, x, w_tile, stride_w, w_mask, ids, dtype: tl.constexpr
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _mask_kernel(out_ptr, N, K, seed, p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -97,7 +97,7 @@ def _mask_kernel(out_ptr, N, K, seed, p, BLOCK_N: tl.constexpr, BLOCK_K: tl.cons
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _shrink_kernel(x_ptr, stride_xn, a_ptr, stride_aa, stride_ar, stride_ak, ids_ptr, scales_ptr, xa_ptr,
                    N, K, R, k_per_split, seed, p, inv_keep,
                    MULTI: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr,

@@ -86,7 +86,7 @@ def _store_tile(acc, pid_m, pid_n, bias_ptr, c_ptr, stride_cm, M, N, HAS_BIAS: t
              mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _gemm_lowrank_kernel(p_ptr, stride_pm, stride_pk, q_ptr, stride_qk, stride_qn, lo_ptr, stride_lm,
                          rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr, stride_cm,
                          M, N, K, R, scale, seed, p, inv_keep,
@@ -122,7 +122,7 @@ def _gemm_lowrank_kernel(p_ptr, stride_pm, stride_pk, q_ptr, stride_qk, stride_q
     _store_tile(acc, pid_m, pid_n, bias_ptr, c_ptr, stride_cm, M, N, HAS_BIAS, PREC, BLOCK_M, BLOCK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _gemm_lowrank_tma_kernel(p_desc, q_desc, lo_ptr, stride_lm, rt_ptr, stride_rr, stride_rn, bias_ptr, c_ptr,
                              stride_cm, M, N, K, R, scale, seed, p, inv_keep,
                              Q_ROWS_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,

@@ -27,7 +27,7 @@ import torch
 
 from . import configs
 from .dispatch import check_triton_device, on_device, resolve_impl
-from .triton_base import (TRITON_DTYPES, attention_scores, dot_block, dot_precision, gpu_branch, interpreting,
+from .triton_base import (TRITON_DTYPES, attention_scores, cast, dot, dot_block, dot_mode, gpu_branch, interpreting,
                           online_softmax_step, sm_count, tl, triton, unit_last_stride)
 
 _BACKENDS = ("triton", "torch")
@@ -42,7 +42,7 @@ def _paged_attn_fwd_kernel(
     Q, KCache, VCache, BlockTable, SeqLens, Out, PartAcc, PartM, PartL, sm_scale, softcap, window,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_tb, stride_ob, stride_oh, num_kv_heads, group, head_dim, block_size, max_blocks, min_keys,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SINGLE_SPLIT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -85,13 +85,13 @@ def _paged_attn_fwd_kernel(
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(KCache + k_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(VCache + v_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s, _ = attention_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), sm_scale, softcap, HAS_SOFTCAP)
+        s, _ = attention_scores(dot(q, tl.trans(k), None, PREC), sm_scale, softcap, HAS_SOFTCAP)
         s = tl.where(ok[None, :], s, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, PREC)
     if SINGLE_SPLIT:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_ptrs = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs, cast(out, Out.dtype.element_ty, PREC), mask=h_ok[:, None] & d_ok[None, :])
     else:
         # Partials laid out [B, Hq, num_splits, (D)] contiguous, in log2 units.
         part = (b.to(tl.int64) * num_kv_heads * group + heads) * num_splits + split
@@ -102,7 +102,7 @@ def _paged_attn_fwd_kernel(
 
 @triton.jit
 def _paged_attn_combine_kernel(PartAcc, PartM, PartL, Out, stride_ob, stride_oh, num_heads, num_splits, head_dim,
-                               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                               PREC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)  # one (sequence, query head)
     b = pid // num_heads
     h = pid % num_heads
@@ -118,7 +118,8 @@ def _paged_attn_combine_kernel(PartAcc, PartM, PartL, Out, stride_ob, stride_oh,
     total = tl.sum(w * l, 0)
     acc = tl.load(PartAcc + part[:, None] * head_dim + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, cast(out, Out.dtype.element_ty, PREC),
+             mask=d_ok)
 
 
 @triton.jit
@@ -226,13 +227,13 @@ def paged_attention_fwd(
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
             hkv, hq // hkv, d, block_size, max_blocks, min_keys,
-            SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), BLOCK_H=dot_block(hq // hkv), BLOCK_D=block_d,
+            SINGLE_SPLIT=single, PREC=dot_mode(q.dtype), BLOCK_H=dot_block(hq // hkv), BLOCK_D=block_d,
             **cfg,
         )
         if not single:
             _paged_attn_combine_kernel[(batch * hq,)](
                 part_acc, part_m, part_l, out, out.stride(0), out.stride(1), hq, num_splits, d,
-                BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+                PREC=dot_mode(q.dtype), BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
             )
     return out
 

@@ -225,7 +225,7 @@ def attention_scores(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
+def online_softmax_step(acc, l_i, m_i, s, v, PREC: tl.constexpr):
     """One key block of the online softmax: fold scores s [rows, keys] (log2 units, -inf
     where masked) and values v [keys, D] into the running output acc, sum l_i and max m_i."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -233,5 +233,9 @@ def online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    # cast() only under the interpreter (its truncation to bf16 would double P's rounding
+    # error); on the GPU the plain .to(), as the constexpr test drops the call: the inlined
+    # call's debug labels alone cost the bf16 forward a register (kernels.launch_check).
+    # One expression, in this order, so the GPU's IR is op for op what it was before.
+    acc = acc * alpha[:, None] + dot(cast(p, v.dtype, PREC) if PREC == "upcast" else p.to(v.dtype), v, None, PREC)
     return acc, l_i, m_new

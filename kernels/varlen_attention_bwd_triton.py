@@ -6,7 +6,8 @@ helpers are the forward's (``varlen_attention_triton.py``)."""
 import torch
 
 from .dispatch import check_triton_device, on_device
-from .triton_base import LOG2E, attention_scores, dot_block, dot_precision, interpreting, tl, triton, unit_last_stride
+from .triton_base import (LOG2E, attention_scores, cast, dot, dot_block, dot_mode, interpreting, tl, triton,
+                          unit_last_stride)
 from .varlen_attention_triton import (attention_flags, check_out, grid_blocks, key_block_scores, key_blocks,
                                       key_program, load_rows, load_tokens, pair_ok, query_blocks, query_program,
                                       tuned_config, zero_rows)
@@ -43,25 +44,25 @@ def _lse_delta(lse_base, delta_base, tok, row_ok, MASKED: tl.constexpr):
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, q_start, cols,
                     len_q, len_k, window, lo, hi, sm_scale, softcap, offs_m, offs_d, d_ok, MASKED: tl.constexpr,
-                    FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                    FLAGS: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr):
     # Transposed tiles ([keys, queries]) so that dK and dV accumulate without transposes.
     for start_m in range(lo, hi, BLOCK_M):
         rows, row_ok, tok, q = load_tokens(q_base, stride_qt, q_start, start_m, len_q, offs_m, offs_d, d_ok, MASKED,
                                            FLAGS.even_d)
         do = load_rows(do_base + tok[:, None] * stride_dot + offs_d[None, :], row_ok, d_ok, MASKED, FLAGS.even_d)
         lse, delta = _lse_delta(lse_base, delta_base, tok, row_ok, MASKED)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        qk_t = dot(k, tl.trans(q), None, PREC)
         s_t, t_t = attention_scores(qk_t, sm_scale, softcap, FLAGS.has_softcap)
         if MASKED:
             ok = pair_ok(rows[None, :] + (len_k - len_q), cols[:, None], len_k, window, FLAGS)
             s_t = tl.where(ok & row_ok[None, :], s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dv += dot(cast(p_t, do.dtype, PREC), do, None, PREC)
+        dp_t = dot(v, tl.trans(do), None, PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         if FLAGS.has_softcap:
             ds_t = ds_t * (1.0 - t_t * t_t)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk += dot(cast(ds_t, q.dtype, PREC), q, None, PREC)
     return dk, dv
 
 
@@ -72,7 +73,7 @@ def _varlen_attn_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
     total_k, num_seqs, num_kv_heads, group, head_dim,
-    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, FLAGS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, FLAGS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK and dV of one block of keys, summed over the query heads of its GQA group and
@@ -94,18 +95,18 @@ def _varlen_attn_bwd_dkdv_kernel(
             delta_base = Delta + h.to(tl.int64) * stride_lh
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      q_start, cols, len_q, len_k, window, lo, full_lo, sm_scale, softcap, offs_m,
-                                     offs_d, d_ok, True, FLAGS, DOT_PRECISION, BLOCK_M)
+                                     offs_d, d_ok, True, FLAGS, PREC, BLOCK_M)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      q_start, cols, len_q, len_k, window, full_lo, full_hi, sm_scale, softcap,
-                                     offs_m, offs_d, d_ok, False, FLAGS, DOT_PRECISION, BLOCK_M)
+                                     offs_m, offs_d, d_ok, False, FLAGS, PREC, BLOCK_M)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                                      q_start, cols, len_q, len_k, window, full_hi, hi, sm_scale, softcap, offs_m,
-                                     offs_d, d_ok, True, FLAGS, DOT_PRECISION, BLOCK_M)
+                                     offs_d, d_ok, True, FLAGS, PREC, BLOCK_M)
         mask = col_ok[:, None] & d_ok[None, :]
         tl.store(DK + ktok[:, None] * stride_dkt + kh * stride_dkh + offs_d[None, :],
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+                 cast(dk * sm_scale, DK.dtype.element_ty, PREC), mask=mask)
         tl.store(DV + ktok[:, None] * stride_dvt + kh * stride_dvh + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=mask)
+                 cast(dv, DV.dtype.element_ty, PREC), mask=mask)
     if tail:
         start = k_start + n_lo
         zero_rows(DK + kh * stride_dkh, stride_dkt, start, total_k, num_n * BLOCK_N, offs_n, offs_d, d_ok, BLOCK_N,
@@ -117,16 +118,16 @@ def _varlen_attn_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo, hi, sm_scale,
                   softcap, offs_n, offs_d, d_ok, MASKED: tl.constexpr, FLAGS: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                  PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         k, v, s, t = key_block_scores(q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, start_n, sm_scale,
-                                      softcap, offs_n, offs_d, d_ok, MASKED, FLAGS, DOT_PRECISION)
+                                      softcap, offs_n, offs_d, d_ok, MASKED, FLAGS, PREC)
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = dot(do, tl.trans(v), None, PREC)
         ds = p * (dp - delta[:, None])
         if FLAGS.has_softcap:
             ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq += dot(cast(ds, k.dtype, PREC), k, None, PREC)
     return dq
 
 
@@ -137,7 +138,7 @@ def _varlen_attn_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh,
     total_q, num_seqs, num_heads, group, head_dim,
-    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, FLAGS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, FLAGS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one block of queries, from the key blocks it may see (the forward's
@@ -152,13 +153,13 @@ def _varlen_attn_bwd_dq_kernel(
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         lo, full_lo, full_hi, hi = key_blocks(m_lo, len_q, len_k, window, FLAGS, BLOCK_M, BLOCK_N)
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo,
-                           full_lo, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, DOT_PRECISION, BLOCK_N)
+                           full_lo, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, PREC, BLOCK_N)
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, full_lo,
-                           full_hi, sm_scale, softcap, offs_n, offs_d, d_ok, False, FLAGS, DOT_PRECISION, BLOCK_N)
+                           full_hi, sm_scale, softcap, offs_n, offs_d, d_ok, False, FLAGS, PREC, BLOCK_N)
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
-                           full_hi, hi, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, DOT_PRECISION, BLOCK_N)
+                           full_hi, hi, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, PREC, BLOCK_N)
         tl.store(DQ + tok[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
-                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                 cast(dq * sm_scale, DQ.dtype.element_ty, PREC), mask=row_ok[:, None] & d_ok[None, :])
     if tail:
         zero_rows(DQ + h * stride_dqh, stride_dqt, q_start + m_lo, total_q, num_m * BLOCK_M, offs_m, offs_d, d_ok,
                   BLOCK_M, BLOCK_D)
@@ -189,7 +190,7 @@ def varlen_attention_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     num_seqs = cu_seqlens_q.numel() - 1
     block_d = dot_block(d)
-    common = dict(IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d)
+    common = dict(IS_CAUSAL=causal, PREC=dot_mode(q.dtype), BLOCK_D=block_d)
     delta = torch.empty(hq, total_q, dtype=torch.float32, device=q.device)
     with on_device(q.device):
         block_t = 16 if interpreting() else 64

@@ -9,15 +9,15 @@ import torch
 
 from . import configs
 from .dispatch import check_triton_device, on_device
-from .triton_base import (LN2, attention_scores, dot_block, dot_precision, interpreting, online_softmax_step, tl,
-                          triton, unit_last_stride)
+from .triton_base import (LN2, attention_scores, cast, dot, dot_block, dot_mode, interpreting, online_softmax_step,
+                          tl, triton, unit_last_stride)
 
 
 class Flags(NamedTuple):
     """The compile-time variant of a varlen attention kernel: one constexpr, ``FLAGS``, that
     the kernel hands to every tile helper instead of four loose flags. Bools only: triton
     3.6 reads a field of a constexpr NamedTuple as a plain Python value, and passes such a
-    value on to a @triton.jit helper only if it is a bool or a number (so DOT_PRECISION, a
+    value on to a @triton.jit helper only if it is a bool or a number (so PREC, a
     string, stays a kernel argument of its own)."""
     is_causal: bool
     has_window: bool
@@ -202,14 +202,14 @@ def key_program(K, V, CuQ, CuK, stride_kt, stride_kh, stride_vt, stride_vh, num_
 
 @triton.jit
 def key_block_scores(q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, start_n, sm_scale, softcap,
-                     offs_n, offs_d, d_ok, MASKED: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     offs_n, offs_d, d_ok, MASKED: tl.constexpr, FLAGS: tl.constexpr, PREC: tl.constexpr):
     """Keys start_n + offs_n of a query tile: (k, v, the scores in log2 units, -inf where
     MASKED rules a pair out, and tanh of the softcap; see attention_scores)."""
     cols = start_n + offs_n
     col_ok = cols < len_k
     k = load_rows(k_base + cols.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], col_ok, d_ok, MASKED, FLAGS.even_d)
     v = load_rows(v_base + cols.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok, MASKED, FLAGS.even_d)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    qk = dot(q, tl.trans(k), None, PREC)
     s, t = attention_scores(qk, sm_scale, softcap, FLAGS.has_softcap)
     if MASKED:
         s = tl.where(pair_ok(qpos[:, None], cols[None, :], len_k, window, FLAGS), s, float("-inf"))
@@ -218,12 +218,12 @@ def key_block_scores(q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, windo
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo, hi, sm_scale, softcap,
-               offs_n, offs_d, d_ok, MASKED: tl.constexpr, FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               offs_n, offs_d, d_ok, MASKED: tl.constexpr, FLAGS: tl.constexpr, PREC: tl.constexpr,
                BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         _, v, s, _ = key_block_scores(q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, start_n, sm_scale,
-                                      softcap, offs_n, offs_d, d_ok, MASKED, FLAGS, DOT_PRECISION)
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
+                                      softcap, offs_n, offs_d, d_ok, MASKED, FLAGS, PREC)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, PREC)
     return acc, l_i, m_i
 
 
@@ -233,7 +233,7 @@ def _varlen_attn_fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, sm_scale, softcap, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     total_q, num_seqs, num_heads, group, head_dim,
-    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, FLAGS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, FLAGS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Out and lse of one block of queries: the online softmax over the key blocks it may
@@ -248,19 +248,19 @@ def _varlen_attn_fwd_kernel(
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         lo, full_lo, full_hi, hi = key_blocks(m_lo, len_q, len_k, window, FLAGS, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window, lo,
-                                   full_lo, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, DOT_PRECISION,
+                                   full_lo, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, PREC,
                                    BLOCK_N)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
                                    full_lo, full_hi, sm_scale, softcap, offs_n, offs_d, d_ok, False, FLAGS,
-                                   DOT_PRECISION, BLOCK_N)
+                                   PREC, BLOCK_N)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, qpos, len_k, window,
-                                   full_hi, hi, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, DOT_PRECISION,
+                                   full_hi, hi, sm_scale, softcap, offs_n, offs_d, d_ok, True, FLAGS, PREC,
                                    BLOCK_N)
         seen = l_i > 0.0  # a query that sees no key: out 0, lse -inf
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
         o_ptrs = Out + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs, cast(out, Out.dtype.element_ty, PREC), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(Lse + h.to(tl.int64) * stride_lh + tok, lse, mask=row_ok)
     if tail:
         zero_rows(Out + h * stride_oh, stride_ot, q_start + m_lo, total_q, num_m * BLOCK_M, offs_m, offs_d, d_ok,
@@ -382,6 +382,6 @@ def varlen_attention_fwd(
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, softcap or 0.0, window or 0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             lse.stride(0), total_q, num_seqs, hq, hq // k.shape[1], d,
-            IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=dot_block(d), **cfg,
+            IS_CAUSAL=causal, PREC=dot_mode(q.dtype), BLOCK_D=dot_block(d), **cfg,
         )
     return out, lse

@@ -1,4 +1,5 @@
 import os
+import time
 
 import torch
 
@@ -58,3 +59,19 @@ def peft_adapters(tmp_path):
         return out
 
     return make
+
+
+@pytest.fixture
+def assert_no_children():
+    """assert_no_children() waits up to 10 s for this process to have no child process left
+    (zombies included), then asserts it: no worker outlives its pool."""
+    import psutil
+
+    def check():
+        me = psutil.Process()
+        deadline = time.monotonic() + 10
+        while me.children(recursive=True) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not me.children(recursive=True)
+
+    return check

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 1031  # the tiny presets' vocabulary
 LENGTHS = (7, 1, 19, 12, 3, 9)
 ADAM = engine.AdamParams(5e-3, weight_decay=0.01, grad_clip_norm=0.5)
+BF16_ADAM = engine.AdamParams(1e-4, weight_decay=0.01, grad_clip_norm=0.5)
 STEPS = 3
 
 
@@ -146,6 +147,49 @@ def test_dp_tp_equals_one_process(checkpoint, reference, tmp_path, lora, dp, tp)
         _close(after, ref_after, "loss after the resharded load")
     finally:
         one.close()
+
+
+def _bf16_run(tm, folder: Path) -> tuple[dict, dict]:
+    """STEPS AdamW steps of bf16 full fine-tuning: (losses and gradient norms, the saved
+    state's tensors: fp32 masters and moments)."""
+    out = {"loss": [], "grad_norm": []}
+    for step in range(STEPS):  # sequences over half the budget: one micro-batch each, at any dp
+        fb = tm.forward_backward(_data(step, (13, 17, 11, 19)), "cross_entropy").result()
+        out["loss"].append(fb.metrics["loss:sum"])
+        out["grad_norm"].append(tm.optim_step(BF16_ADAM).result().metrics["grad_norm"])
+    state = Path(tm.save_state(folder / "state").result().path)
+    return out, load_file(str(next(state.glob("state-*.safetensors"))))
+
+
+def test_dp2_bf16_master_weights_equal_one_process(checkpoint, tmp_path):
+    """ZeRO-1 with fp32 masters: the owner steps a master, every replica rounds the same
+    one. Losses, gradient norms and the saved masters and moments as one process (each
+    micro-batch's bf16 gradient alike; only the fp32 sums' order differs); the one-process
+    state loaded at dp=2 continues as it does in one process. At lr 1e-4 (updates near a
+    bf16 step, where masters matter) no weight rounds differently; at 5e-3 one rounding
+    flipped by the sums' order spreads through the bf16 forward (1e-4 after 3 steps)."""
+    b = engine.model(checkpoint("qwen3")).dtype("bfloat16")
+    one = b.spawn_train(max_batch_size=20)
+    ref, ref_state = _bf16_run(one, tmp_path / "one")
+    tm = b.dp(2).spawn_train(max_batch_size=20)
+    try:
+        assert tm.get_info().master_weights
+        got, state = _bf16_run(tm, tmp_path / "dp2")
+        _close(got["loss"], ref["loss"], "loss")
+        _close(got["grad_norm"], ref["grad_norm"], "grad_norm")
+        assert state.keys() == ref_state.keys()
+        for key, t in ref_state.items():
+            assert state[key].dtype == t.dtype, key
+            _close(state[key], t, key)
+        assert state["weights.embed.weight"].dtype == torch.float32  # masters, not the bf16 weights
+        tm.load_state_with_optimizer(str(tmp_path / "one" / "state")).result()  # (1, 1) -> (2, 1)
+        after = [tm.forward_backward(_data(5, (13, 17, 11, 19)), "cross_entropy").result().metrics["loss:sum"],
+                 tm.optim_step(BF16_ADAM).result().metrics["grad_norm"]]
+    finally:
+        tm.close()
+    ref_after = [one.forward_backward(_data(5, (13, 17, 11, 19)), "cross_entropy").result().metrics["loss:sum"],
+                 one.optim_step(BF16_ADAM).result().metrics["grad_norm"]]
+    _close(after, ref_after, "loss and grad_norm after the resharded load")
 
 
 def _torchrun(node_rank: int, port: int, folder, out: Path) -> subprocess.Popen:

@@ -55,11 +55,12 @@ def test_legacy_rope_scaling_keys(tmp_path):
     """Published Llama 3.1 checkpoints use rope_theta + rope_scaling rather than rope_parameters."""
     folder = save_random_checkpoint(tmp_path, "llama")
     cfg = json.loads((folder / "config.json").read_text())
-    params = cfg.pop("rope_parameters")
-    cfg["rope_theta"] = params.pop("rope_theta")
-    params["rope_type"] = params.pop("rope_type")
-    cfg["rope_scaling"] = params
-    (folder / "config.json").write_text(json.dumps(cfg))
+    if "rope_parameters" in cfg:  # transformers 5 writes the new form; transformers 4 already wrote the legacy one
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params.pop("rope_theta")
+        cfg["rope_scaling"] = params
+        (folder / "config.json").write_text(json.dumps(cfg))
+    assert "rope_parameters" not in json.loads((folder / "config.json").read_text())
     model = load_model(folder)
     assert model.config.rope_scaling["rope_type"] == "llama3"
     assert model.config.rope_theta == 500000.0

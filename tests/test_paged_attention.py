@@ -170,3 +170,26 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"append_kv: k \(torch.float64"):
         append_kv(k_cache, k_cache.clone(), torch.randn(3, 2, 16).double(), torch.randn(3, 2, 16),
                   torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("case, dtype", [(CASES[1], torch.bfloat16), (CASES[3], torch.bfloat16),
+                                         (CASES[1], torch.float16)])
+def test_low_precision_within_twice_torch_error(case, dtype):
+    """bf16/fp16 under the interpreter (triton_base's dot/cast "upcast" mode), split-K
+    included: the error against the float64 truth on the same cache stays within twice the
+    torch backend's in the same dtype."""
+    lens, hq, hkv, d, block_size, window, softcap, num_splits = case
+    torch.manual_seed(0)
+    k_cache, v_cache, block_table, keys, values = make_cache(lens, hkv, d, block_size, dtype=dtype)
+    q = torch.randn(len(lens), hq, d, dtype=dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    scale = 0.8 / d**0.5
+    ours = pa.paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=scale, window=window,
+                                  softcap=softcap, num_splits=num_splits, out=torch.full_like(q, float("nan")))
+    theirs = paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=scale, window=window,
+                             softcap=softcap, impl="torch")
+    want = dense_decode(q, keys, values, scale=scale, window=window, softcap=softcap)
+    assert ours.dtype == dtype
+    err = (ours.double() - want).norm() / want.norm()
+    err_torch = (theirs.double() - want).norm() / want.norm()
+    assert err <= 2 * err_torch + 1e-4, (err.item(), err_torch.item())

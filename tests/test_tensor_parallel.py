@@ -1,6 +1,5 @@
 """Tensor parallelism on CPU (gloo): TP=2 against TP=1 on the tiny model of every family,
 and the worker pool's failure handling."""
-import multiprocessing
 import os
 import signal
 import time
@@ -143,22 +142,15 @@ def _noop_setup(ctx):
     return None
 
 
-def _assert_no_children():
-    deadline = time.monotonic() + 10
-    while multiprocessing.active_children() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not multiprocessing.active_children()
-
-
 @pytest.mark.parametrize("fn, match", [(_fail_on_rank1, "rank 1 raised RuntimeError: injected failure"),
                                        (_die_on_rank0, r"rank 0 died \(exit code 3\)")])
-def test_worker_failure_surfaces_quickly(fn, match):
+def test_worker_failure_surfaces_quickly(fn, match, assert_no_children):
     pool = WorkerPool(2, _noop_setup, timeout_s=60)
     start = time.monotonic()
     with pytest.raises(WorkerError, match=match):
         pool.run(fn)
     assert time.monotonic() - start < 30
-    _assert_no_children()
+    assert_no_children()
     with pytest.raises(WorkerError, match="closed"):
         pool.run(_fail_on_rank1)
 
@@ -169,13 +161,13 @@ def _interrupt_self(state):
     return dist.get_rank()
 
 
-def test_workers_leave_ctrl_c_to_the_caller():
+def test_workers_leave_ctrl_c_to_the_caller(assert_no_children):
     """Workers ignore SIGINT (the caller handles it and closes the pool): no KeyboardInterrupt
     in a worker, and the pool keeps serving."""
     with WorkerPool(2, _noop_setup, timeout_s=60) as pool:
         assert pool.run(_interrupt_self) == [0, 1]
         assert pool.run(_interrupt_self) == [0, 1]
-    _assert_no_children()
+    assert_no_children()
 
 
 def test_same_code_under_torchrun(checkpoint, tmp_path):

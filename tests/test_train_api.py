@@ -163,11 +163,13 @@ def test_adamw_identical_to_torch_with_clipping(llama):
             assert torch.equal(p.detach(), params[n].detach()), n
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_resume_reproduces_next_loss_exactly(llama, tmp_path, lora):
+@pytest.mark.parametrize("kind", ["full", "lora", "bf16"])
+def test_resume_reproduces_next_loss_exactly(llama, tmp_path, kind):
+    """bf16: full fine-tuning with fp32 master weights, which the state saves and restores."""
     def build():
         b = engine.model(llama)
-        return (b.with_adapter(rank=4, alpha=8) if lora else b).spawn_train(max_batch_size=32)
+        b = {"full": b, "lora": b.with_adapter(rank=4, alpha=8), "bf16": b.dtype("bfloat16")}[kind]
+        return b.spawn_train(max_batch_size=32)
 
     data, adam = _data(seed=6), engine.AdamParams(1e-2, weight_decay=0.01)
     a = build()

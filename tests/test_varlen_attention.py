@@ -267,3 +267,37 @@ def test_flash_attn_backend_argument_mapping(monkeypatch):
     assert calls[-1]["window_size"] == (-1, -1)
     with pytest.raises(ValueError, match="needs float16 or bfloat16"):
         varlen_attention(q.float(), q.float(), q.float(), cu, cu, 6, 6, impl="flash_attn")
+
+
+# bf16/fp16 under the interpreter (triton_base's dot/cast "upcast" mode): the error against
+# the float64 truth on the same (rounded) inputs stays within twice the torch backend's in
+# the same dtype, for the output and every gradient. bf16 on shapes that cross 16-blocks:
+# a window band with mask-free key blocks; a cached prefix with softcap, GQA and D=64.
+# fp16 on the cheapest case (softcap, D not a power of two).
+LOW_PRECISION_CASES = [
+    (TRITON_CASES[8], torch.bfloat16),
+    (TRITON_CASES[9], torch.bfloat16),
+    (TRITON_CASES[2], torch.float16),
+]
+
+
+@pytest.mark.parametrize("case, dtype", LOW_PRECISION_CASES)
+def test_triton_low_precision_within_twice_torch_error(case, dtype):
+    lens_q, lens_k, hq, hkv, d, causal, window, softcap = case
+    lens_k = lens_k or lens_q
+    torch.manual_seed(0)
+    q, k, v = _random_problem(lens_q, lens_k, hq, hkv, d, dtype=dtype)
+    scale = 0.7 / d**0.5
+    ref = dense_reference(q, k, v, lens_q, lens_k, causal=causal, window=window, softcap=softcap, scale=scale)[0]
+    up = torch.randn(ref.shape, dtype=torch.float64)
+    truth = (ref, *torch.autograd.grad(ref, (q, k, v), up))
+    results = {}
+    for impl in ("triton", "torch"):
+        out = varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), causal=causal,
+                               softmax_scale=scale, window=window, softcap=softcap, impl=impl)
+        assert out.dtype == dtype
+        results[impl] = (out, *torch.autograd.grad(out, (q, k, v), up.to(dtype)))
+    for name, tr, ours, theirs in zip(("out", "dq", "dk", "dv"), truth, results["triton"], results["torch"]):
+        err = (ours.double() - tr).norm() / tr.norm()
+        err_torch = (theirs.double() - tr).norm() / tr.norm()
+        assert err <= 2 * err_torch + 1e-4, (name, err.item(), err_torch.item())

@@ -15,6 +15,7 @@ import torch
 
 from engine.models import add_lora, load_config, load_model, load_tokenizer, share_weights
 from engine.parallel import LAUNCHERS, check_tp
+from engine.train.memory import check_training_memory
 from engine.train.remote import RemoteTrainer
 from engine.train.trainer import Trainer, enable_activation_checkpointing
 
@@ -65,6 +66,7 @@ class ModelBuilder:
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
         self._activation_checkpointing = False
+        self._master_weights = True
         self._shared: dict | None = None  # shared_base(): {(dtype, device): the loaded base model}
 
     def _with(self, **changes) -> "ModelBuilder":
@@ -115,6 +117,15 @@ class ModelBuilder:
     def activation_checkpointing(self, on: bool = True) -> "ModelBuilder":
         """Recompute each block's activations in the backward (less memory, ~1/3 more compute)."""
         return self._with(activation_checkpointing=on)
+
+    def master_weights(self, on: bool = True) -> "ModelBuilder":
+        """Full fine-tuning of a bf16/fp16 model keeps fp32 master weights, fp32 gradients and
+        fp32 AdamW state, the model's weights being the masters rounded (on by default: 18 B
+        per parameter of a bf16 model, engine/train/trainer.py). ``master_weights(False)``
+        trains the bf16 weights directly with bf16 AdamW state (8 B per parameter), which
+        loses updates below the weights' precision and drifts from fp32 training. No effect
+        on fp32 models nor on LoRA adapters (fp32 already)."""
+        return self._with(master_weights=bool(on))
 
     def shared_base(self) -> "ModelBuilder":
         """Load the base weights once, at the first spawn, and give every ``spawn_train`` (LoRA
@@ -174,11 +185,14 @@ class ModelBuilder:
                     launcher: str | None = None) -> TrainingModel:
         """Load the model for training. ``max_batch_size``: tokens per micro-batch (data are
         packed into micro-batches by first-fit-decreasing; the gradient is that of the whole
-        batch). ``checkpoint_dir``: where ``save_state(name)`` writes a bare name (engine/api/training.py,
-        "Checkpoint names"). ``launcher``: where the ranks of a tp/dp model run: ``"local"``
-        (processes of this machine), ``"ray"`` (Ray actors in a placement group, any node of
-        the cluster; also at tp = dp = 1), or None: Ray when ``ray.init`` was called in this
-        process, else local (engine/parallel/ray_workers.py)."""
+        batch). On CUDA the optimizer state is allocated and one forward/backward of
+        ``max_batch_size`` tokens runs here (on every rank), so a batch that cannot fit fails
+        now, with ``torch.cuda.OutOfMemoryError`` giving the largest max_batch_size that fits
+        (engine/train/memory.py). ``checkpoint_dir``: where ``save_state(name)`` writes a bare
+        name (engine/api/training.py, "Checkpoint names"). ``launcher``: where the ranks of a
+        tp/dp model run: ``"local"`` (processes of this machine), ``"ray"`` (Ray actors in a
+        placement group, any node of the cluster; also at tp = dp = 1), or None: Ray when
+        ``ray.init`` was called in this process, else local (engine/parallel/ray_workers.py)."""
         if launcher is not None and launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {LAUNCHERS} or None, got {launcher!r}")
         dtype, device = self._check(max_batch_size)
@@ -193,7 +207,7 @@ class ModelBuilder:
             trainer = RemoteTrainer(self._tp, self._path, dtype=dtype, adapter=adapter, scoring=self._scoring,
                                     activation_checkpointing=self._activation_checkpointing,
                                     max_batch_size=max_batch_size, vocab=load_config(self._path).vocab_size,
-                                    dp=self._dp, launcher=launcher)
+                                    master_weights=self._master_weights, dp=self._dp, launcher=launcher)
             described = trainer.info
         else:
             model = self._load(dtype, device)
@@ -202,7 +216,9 @@ class ModelBuilder:
                          seed=adapter["seed"])
             if self._activation_checkpointing:
                 enable_activation_checkpointing(model)
-            trainer = Trainer(model, max_batch_size=max_batch_size, scoring=self._scoring, lora=adapter is not None)
+            trainer = Trainer(model, max_batch_size=max_batch_size, scoring=self._scoring, lora=adapter is not None,
+                              master_weights=self._master_weights)
+            check_training_memory(trainer)
             described = trainer.describe()
         info = {"model": self._name, "path": str(self._path), "model_type": load_config(self._path).model_type,
                 "tp": self._tp, "dp": self._dp, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
@@ -210,14 +226,17 @@ class ModelBuilder:
                 "lora": None if adapter is None else {"rank": adapter["rank"], "alpha": adapter["alpha"],
                                                       "target_modules": described["target_modules"]},
                 "parameters": described["parameters"], "trainable_parameters": described["trainable_parameters"],
-                "activation_checkpointing": self._activation_checkpointing}
+                "activation_checkpointing": self._activation_checkpointing,
+                "master_weights": described["master_weights"]}
         return TrainingModel(trainer, source=self._path, checkpoint_dir=Path(checkpoint_dir), info=info)
 
     def spawn_inference(self, max_batch_size: int = 2048, **kwargs):
         """Serve the base model (``engine.infer.InferenceModel``: continuous batching over a
         paged KV cache; with ``.tp(n)``, one process per rank). Requests name their LoRA
         adapter (a PEFT folder) with ``adapter=``;
-        ``kwargs`` go to InferenceModel (kv_cache_tokens, block_size, max_adapters, ...)."""
+        ``kwargs`` go to InferenceModel (kv_cache_tokens, block_size, max_adapters, ...). On
+        CUDA the KV cache takes ``gpu_memory_fraction`` (default 0.9) of the memory free once
+        the weights are loaded, unless ``kv_cache_tokens`` sizes it."""
         dtype, device = self._check(max_batch_size)
         if self._dp > 1:
             raise ValueError(f"dp={self._dp} is for training (replicas that split each batch); an inference "

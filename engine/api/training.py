@@ -331,7 +331,8 @@ class TrainingModel:
             max_batch_size=info["max_batch_size"], path=info["path"], model_type=info["model_type"],
             scoring_model=info["scoring_model"], lora=lora, parameters=info["parameters"],
             trainable_parameters=info["trainable_parameters"],
-            activation_checkpointing=info["activation_checkpointing"], dp=info["dp"])
+            activation_checkpointing=info["activation_checkpointing"], dp=info["dp"],
+            master_weights=info["master_weights"])
 
     async def get_info_async(self) -> GetInfoResponse:
         return self.get_info()

@@ -312,7 +312,8 @@ class GetInfoResponse:
     ``is_lora``, ``lora_rank``, ``model_name``), then this engine's: the optimizer ``step``,
     ``tp``, ``dp``, ``dtype``, ``device``, ``max_batch_size``, the checkpoint ``path`` and
     ``model_type``, ``scoring_model``, ``lora`` (rank, alpha, target_modules) or None,
-    parameter counts and ``activation_checkpointing``."""
+    parameter counts, ``activation_checkpointing`` and ``master_weights`` (fp32 masters of
+    bf16/fp16 trained weights)."""
 
     model_id: str
     model_data: ModelData
@@ -331,5 +332,6 @@ class GetInfoResponse:
     parameters: int
     trainable_parameters: int
     activation_checkpointing: bool
+    master_weights: bool = False
     type: str = "get_info"
     dp: int = 1

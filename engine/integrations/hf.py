@@ -66,9 +66,10 @@ from engine.models.files import copy_file, write_safetensors, write_text
 from engine.models.peft import read_peft_adapter
 
 IGNORE_INDEX = -100
-# forward() keywords that transformers' callers pass and that change nothing here.
+# forward() keywords that transformers' callers pass and that change nothing here
+# (packed_sample_seqlens: ArcticTraining's SFT collator; the sequences are read from position_ids).
 _IGNORED_KWARGS = ("use_cache", "return_dict", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-                   "max_length_k", "seq_idx")
+                   "max_length_k", "seq_idx", "packed_sample_seqlens")
 # from_pretrained() keywords of transformers that change nothing here.
 _IGNORED_LOAD_KWARGS = ("attn_implementation", "low_cpu_mem_usage", "trust_remote_code", "local_files_only",
                         "use_safetensors")
@@ -340,8 +341,13 @@ class EngineForCausalLM(PreTrainedModel):
         """transformers' hook behind ``activation_checkpointing_enable`` / ``_disable`` (and the
         older ``gradient_checkpointing_*`` names): every ``every_n_layers``-th decoder block
         recomputes its activations in the backward through ``gradient_checkpointing_func``
-        (torch.utils.checkpoint with the caller's kwargs, ``use_reentrant=False`` by default)."""
+        (torch.utils.checkpoint with the caller's kwargs, ``use_reentrant=False`` by default).
+        With frozen embeddings (LoRA) the embedding output is made to require grad, as
+        transformers does for its own adapters: transformers 4 checkpoints with
+        ``use_reentrant=True``, which passes no gradient to blocks whose inputs do not require it."""
         self.gradient_checkpointing = enable
+        if enable and not self.model.embed.weight.requires_grad and getattr(self, "_require_grads_hook", None) is None:
+            self.enable_input_require_grads()
         for i, block in enumerate(self.model.layers):
             block.__dict__.pop("forward", None)
             if enable and i % every_n_layers == 0:

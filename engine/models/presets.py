@@ -33,12 +33,29 @@ LLAMA_1B = dict(
 )
 
 
+def transformers_config_fields(config: dict) -> dict:
+    """``config`` in the form the installed transformers reads: transformers 4 ignores
+    ``rope_parameters`` (it would build the model with the default RoPE), so under it the
+    presets' ``rope_parameters`` become the older ``rope_theta`` + ``rope_scaling``."""
+    import transformers
+
+    fields = dict(config)
+    if int(transformers.__version__.split(".")[0]) >= 5 or "rope_parameters" not in fields:
+        return fields
+    params = dict(fields.pop("rope_parameters"))
+    if "rope_theta" in params:
+        fields["rope_theta"] = params.pop("rope_theta")
+    if params.get("rope_type", "default") != "default":
+        fields["rope_scaling"] = params
+    return fields
+
+
 def hf_model(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A transformers causal LM with every parameter random (norm weights near 1, biases
     nonzero), so no weight can be silently skipped or misplaced in a comparison."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = dict(config)
+    fields = transformers_config_fields(config)
     hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(seed)
     with torch.device("cpu"):

@@ -1,11 +1,12 @@
 """One worker process per rank, driven from the caller's process.
 
-``WorkerPool(tp, setup, *args, dp=1)`` starts ``dp · tp`` processes (torch.multiprocessing,
-spawn), each of which joins torch.distributed (NCCL on GPUs, gloo on CPUs, collectives
-with a timeout; with dp > 1 a ``(dp, tp)`` DeviceMesh, engine/parallel/mesh.py) and runs
-``state = setup(ctx, *args)``. ``pool.run(fn, *args)`` then runs
-``fn(state, *args)`` on every rank and returns the results in rank order. ``fn`` and
-``setup`` must be picklable (module-level functions).
+``WorkerPool(tp, setup, *args, dp=1)`` starts ``dp · tp`` processes (``python -m`` entries
+fed over a socket, launch.py: the caller's script is never re-imported, so it needs no
+``if __name__ == "__main__":`` guard), each of which joins torch.distributed (NCCL on GPUs,
+gloo on CPUs, collectives with a timeout; with dp > 1 a ``(dp, tp)`` DeviceMesh,
+engine/parallel/mesh.py) and runs ``state = setup(ctx, *args)``. ``pool.run(fn, *args)``
+then runs ``fn(state, *args)`` on every rank and returns the results in rank order. ``fn``
+and ``setup`` must be picklable (module-level functions of an importable module).
 
 The same setup code runs unchanged under ``torchrun``: call ``init_distributed()`` in each
 rank (``init_distributed(tp=t)`` for a ``(world / t, t)`` mesh), then ``setup(ctx, ...)``
@@ -15,9 +16,9 @@ Workers ignore SIGINT: a Ctrl-C, which a terminal sends to every process of the 
 is the caller's to handle (it closes the pool, so the workers exit).
 
 Failures: a worker that raises reports the exception with its rank and traceback; a worker
-that dies is noticed by polling its exit code. Either way ``run`` raises ``WorkerError``
-naming the rank at once. When every rank answered (each returned or raised) the pool stays
-usable: that call alone failed, and code that validates before any collective (so all ranks
+that dies is noticed by polling its exit code, and reported with the end of its stderr.
+Either way ``run`` raises ``WorkerError`` naming the rank at once. When every rank
+answered (each returned or raised) the pool stays usable: that call alone failed, and code that validates before any collective (so all ranks
 raise alike) leaves every rank as it was. When a rank died, timed out, or did not answer
 within ``ERROR_GRACE_S`` of another rank's error (it waits in a collective the failed rank
 never joined), the pool shuts down, terminating and joining every process: no orphans,
@@ -39,10 +40,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+import torch.multiprocessing  # noqa: F401 - registers the tensor reductions (shared memory) on the pipes
 
 from kernels.collectives import GroupRef
 
+from .launch import WorkerProcess
 from .mesh import mesh_groups
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -149,7 +151,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, tp, port, timeout_s, conn, setup, args):
+def _worker(rank, world, tp, port, timeout_s, setup, args, conn):
     # Ctrl-C in a terminal reaches the whole process group: the parent handles it and closes
     # the pool (EOF on the pipe ends ``_serve``); a worker that also raised KeyboardInterrupt
     # would print its own traceback and could leave its peers waiting in a collective.
@@ -201,18 +203,18 @@ class WorkerPool:
         if torch.cuda.is_available() and torch.cuda.device_count() < world:
             raise ValueError(f"dp·tp={world} needs {world} GPUs, this machine has {torch.cuda.device_count()}")
         self.tp, self.dp, self.world, self.timeout_s = tp, dp, world, timeout_s
-        ctx = mp.get_context("spawn")
         port = free_port()
         self._conns, self._procs = [], []
         self._closed_by = ""
-        for rank in range(world):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(rank, world, tp, port, timeout_s, child, setup, args), daemon=True,
-                               name=f"engine-tp-rank{rank}")
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
+        try:
+            for rank in range(world):
+                proc = WorkerProcess(_worker, (rank, world, tp, port, timeout_s, setup, args),
+                                     name=f"engine-tp-rank{rank}")
+                self._conns.append(proc.conn)
+                self._procs.append(proc)
+        except BaseException:  # setup or args do not pickle: stop the ranks already started
+            self.close(force=True)
+            raise
         try:
             self._collect(timeout_s + 60)  # setup results (model loading)
         except WorkerError as e:  # a rank whose setup failed has exited
@@ -261,6 +263,9 @@ class WorkerPool:
         died = sorted((r, what) for r, (kind, what) in failures.items() if kind == "died")
         raised = sorted((r, what) for r, (kind, what) in failures.items() if kind == "raised")
         summaries, detail = _raised(raised, full=not died)
+        for r, _ in died:  # why it died, in its own words (an import error, a crash in setup)
+            tail = self._procs[r].stderr_tail()
+            detail += f"\nrank {r}'s stderr ends with:\n{tail}" if tail else ""
         parts = [f"rank {r} {what}" for r, what in died] + summaries
         if pending:
             first = min(failures) if failures else None
@@ -282,7 +287,8 @@ class WorkerPool:
         try:
             status, value = conn.recv()
         except Exception as e:  # noqa: BLE001 - EOF, or a tensor whose sender died before it was read
-            proc.join(timeout=1)
+            # EOF: it closed its end and is exiting; the interpreter's teardown (torch's) may take seconds.
+            proc.join(timeout=5 if isinstance(e, EOFError) else 1)
             if proc.is_alive():
                 return "died", f"sent an answer that cannot be read ({type(e).__name__}: {e})"
             return "died", _exit_text(proc.exitcode)

@@ -8,11 +8,13 @@ A state is a folder::
     state-<id>.safetensors              the state, unsharded
 
 The file holds the trainable weights (the adapter alone under LoRA, plus the value head of a
-scoring model) as ``weights.<name>``, AdamW's moments as ``optimizer.<name>.exp_avg`` /
-``.exp_avg_sq`` / ``.step``, each tensor whole (as at tp=1: ``unshard_param`` gathers the
-tensor-parallel slices, and the ZeRO-1 owner of each parameter's moments sends them to the
-first rank), and in its metadata the save id and step. So a state loads at any (dp, tp):
-each rank cuts its slices (``shard_param``) and keeps the moments of the parameters it owns.
+scoring model) as ``weights.<name>``, in fp32 where the trainer keeps fp32 master weights of
+a bf16/fp16 model (the masters, so a resumed run is the uninterrupted one), AdamW's moments
+as ``optimizer.<name>.exp_avg`` / ``.exp_avg_sq`` / ``.step``, each tensor whole (as at tp=1:
+``unshard_param`` gathers the tensor-parallel slices, and the ZeRO-1 owner of each
+parameter's moments sends them to the first rank), and in its metadata the save id and
+step. So a state loads at any (dp, tp): each rank cuts its slices (``shard_param``) and keeps
+the moments of the parameters it owns.
 
 Save: the first rank (dp rank 0, tp rank 0) writes the file under a new save id (the
 committed state's file stays), the ranks agree that it is on disk, the first rank replaces
@@ -138,7 +140,7 @@ def _unsharded_state(trainer) -> dict[str, torch.Tensor]:
     """The file's tensors, whole, on the first rank (other ranks: a part or nothing). Every
     rank calls it: the tp gathers run in the replica that holds each tensor."""
     tensors: dict[str, torch.Tensor] = {}
-    for (n, p), owner in zip(trainer.params, trainer.owner):
+    for (n, p), owner in zip(trainer.optim_params, trainer.owner):
         if trainer.dp_rank == 0:
             tensors[f"weights.{n}"] = unshard_param(trainer.model, n, p.detach())
         if owner != trainer.dp_rank:
@@ -271,10 +273,10 @@ def _plan(trainer, folder: Path, marker: dict) -> dict:
     if meta.get("step") != str(marker["step"]):
         raise ValueError(f"{where}: its metadata (step {meta.get('step')!r}) disagrees with the commit marker "
                          f"(step {marker['step']})")
-    params = dict(trainer.params)
+    params = dict(trainer.optim_params)
     errors: list[str] = []
     weights, optimizer = [], []
-    for (n, p), owner in zip(trainer.params, trainer.owner):
+    for (n, p), owner in zip(trainer.optim_params, trainer.owner):
         key = f"weights.{n}"
         if key not in tensors:
             errors.append(f"{key} is missing")
@@ -314,6 +316,7 @@ def load_state(trainer, path: Path, *, with_optimizer: bool) -> None:
     with torch.no_grad():
         for p, t in plan["weights"]:
             p.copy_(t)
+    trainer.sync_from_masters()
     if trainer.optimizer is not None:
         trainer.optimizer.state.clear()
     if with_optimizer:
@@ -322,15 +325,15 @@ def load_state(trainer, path: Path, *, with_optimizer: bool) -> None:
                                           "exp_avg": state["exp_avg"].to(p.device),
                                           "exp_avg_sq": state["exp_avg_sq"].to(p.device)}
         trainer.step = plan["step"]
-    for _, p in trainer.params:  # a gradient from before the load is not the loaded model's
-        p.grad = None
+    trainer.drop_gradients()  # a gradient from before the load is not the loaded model's
 
 
 # -- sampler exports --------------------------------------------------------------------------------
 def save_for_sampler(trainer, source: Path, folder: Path) -> Path:
-    """PEFT adapter (LoRA) or full HF folder; a scoring model adds value_head.safetensors.
-    Under tensor parallelism the ranks of replica 0 gather and the first rank writes (one
-    folder whatever the layout); every rank then agrees."""
+    """PEFT adapter (LoRA) or full HF folder (the model's dtype: bf16 weights are the masters
+    rounded); a scoring model adds value_head.safetensors. Under tensor parallelism the ranks
+    of replica 0 gather and the first rank writes (one folder whatever the layout); every
+    rank then agrees."""
     writer = _first(trainer)
     error = None
     try:  # every rank of replica 0 gathers first (the others hold the same weights); then the writer writes

@@ -14,21 +14,26 @@ from engine.models import add_lora
 from engine.parallel import load_tp_model, start_pool
 
 from .checkpoint import new_save_id, read_marker, writable_folder
+from .memory import check_training_memory
 from .trainer import Trainer, custom_step, enable_activation_checkpointing
 
 
-def setup_rank(ctx, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size) -> Trainer:
-    """One rank's Trainer (its shard of the model, its replica's dp group): WorkerPool's
-    setup, and the same call in a script that torchrun launched (``ctx = init_distributed(tp=t)``).
-    ``adapter``: None or dict(rank=, alpha=, targets=, dropout=, seed=)."""
+def setup_rank(ctx, path, dtype, adapter, scoring, activation_checkpointing, max_batch_size,
+               master_weights: bool = True) -> Trainer:
+    """One rank's Trainer (its shard of the model, its replica's dp group), its memory checked
+    on CUDA (every rank together): WorkerPool's setup, and the same call in a script that
+    torchrun launched (``ctx = init_distributed(tp=t)``). ``adapter``: None or dict(rank=,
+    alpha=, targets=, dropout=, seed=)."""
     model = load_tp_model(path, ctx.group, dtype=dtype, device=ctx.device)
     if adapter is not None:
         add_lora(model, adapter["rank"], adapter["alpha"], adapter["targets"], dropout=adapter["dropout"],
                  seed=adapter["seed"])
     if activation_checkpointing:
         enable_activation_checkpointing(model)
-    return Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None,
-                   dp_group=ctx.dp_group)
+    trainer = Trainer(model, max_batch_size=max_batch_size, scoring=scoring, lora=adapter is not None,
+                      master_weights=master_weights, dp_group=ctx.dp_group)
+    check_training_memory(trainer)  # CUDA: every rank, together
+    return trainer
 
 
 def _call(trainer, method, *args):
@@ -37,9 +42,10 @@ def _call(trainer, method, *args):
 
 class RemoteTrainer:
     def __init__(self, tp: int, path, *, dtype, adapter: dict | None, scoring: bool, activation_checkpointing: bool,
-                 max_batch_size: int, vocab: int, dp: int = 1, launcher: str | None = None):
+                 max_batch_size: int, vocab: int, master_weights: bool = True, dp: int = 1,
+                 launcher: str | None = None):
         self.pool = start_pool(launcher, tp, setup_rank, path, dtype, adapter, scoring, activation_checkpointing,
-                               max_batch_size, dp=dp)
+                               max_batch_size, master_weights, dp=dp)
         self.vocab = vocab
         self.info = self.pool.run(_call, "describe")[0]
         self.signature = self._all("state_signature")

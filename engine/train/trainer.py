@@ -6,10 +6,32 @@ CPU tensors per datum) and returns plain tensors and floats, so the same code ru
 caller's process (tp=1) and in a WorkerPool rank. With a dp group (replicas of the
 model, engine/train/data_parallel.py) each rank runs its share of every batch, the
 gradients are summed over the replicas at ``optim_step`` and the optimizer state is
-sharded over them (ZeRO-1).
+sharded over them (ZeRO-1). With master weights, every replica keeps the fp32 masters (and
+their fp32 gradients, summed over dp) of all its parameters; the owner of a parameter steps
+its master and sends it to the other replicas, and each replica rounds the masters into the
+model alike, so masters and weights stay identical across replicas (the step costs one
+broadcast of fp32 masters; AdamW's 8 B per parameter is what ZeRO-1 divides by dp).
 
 Host syncs: one ``.tolist()`` per call at the end (metrics), none per micro-batch; one per
 ``optim_step`` (the gradient norm, which decides whether the step is taken).
+
+Master weights (``master_weights=True``, the default): a trainable parameter held in bf16
+or fp16 gets an fp32 master copy, as Megatron-Core's and torchtitan's mixed precision do.
+Each parameter's gradient, the moment autograd has accumulated it, is added into its
+master's fp32 gradient and dropped (a post-accumulate-grad hook), so micro-batches and
+calls accumulate in fp32; AdamW (fp32 moments) updates the masters, and the model's
+weights are then the masters rounded to their dtype. Plain bf16 AdamW instead loses every
+update smaller than half a bf16 step of the weight (2^-9 relative): small learning rates
+stall, and the loss drifts away from fp32 training (tests/test_master_weights.py).
+Memory per trained parameter, bf16 model:
+
+    with master weights:  weight 2 B + master 4 B + gradient 4 B (fp32) + AdamW 8 B = 18 B
+    plain bf16:           weight 2 B + gradient 2 B + AdamW 4 B (bf16 moments)       =  8 B
+    fp32 model:           weight 4 B + gradient 4 B + AdamW 8 B                       = 16 B
+
+plus, transiently, one parameter's bf16 gradient during the backward. fp32 parameters
+(LoRA adapters, which ``add_lora`` keeps in fp32, and the value head) need no master:
+they train as they are, so LoRA on a bf16 base costs 2 B per frozen base parameter.
 """
 from __future__ import annotations
 
@@ -44,8 +66,19 @@ def enable_activation_checkpointing(model) -> None:
         block.forward = partial(_checkpointed, block.forward)
 
 
+def _to_master(master: torch.Tensor, param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: move ``param``'s low-precision gradient into ``master``'s
+    fp32 one."""
+    if master.grad is None:
+        master.grad = param.grad.float()
+    else:
+        master.grad.add_(param.grad)
+    param.grad = None
+
+
 class Trainer:
-    def __init__(self, model, *, max_batch_size: int, scoring: bool = False, lora: bool = False, dp_group=None):
+    def __init__(self, model, *, max_batch_size: int, scoring: bool = False, lora: bool = False,
+                 master_weights: bool = True, dp_group=None):
         """``dp_group``: the group of this rank's replicas (data parallelism), held weakly."""
         self.model = model
         self.dp_group_ref = GroupRef(dp_group)
@@ -63,10 +96,20 @@ class Trainer:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self.params = self.named_trainable()
-        # ZeRO-1: this replica's AdamW holds the parameters it owns (all of them at dp=1).
+        # What AdamW updates: the fp32 master of a bf16/fp16 parameter, else the parameter.
+        self.masters: dict[nn.Parameter, torch.Tensor] = {}
+        if master_weights:
+            for _, p in self.params:
+                if p.dtype != torch.float32:
+                    m = p.detach().float().requires_grad_(True)
+                    m.tp_sharded = getattr(p, "tp_sharded", False)  # for the global gradient norm
+                    p.register_post_accumulate_grad_hook(partial(_to_master, m))
+                    self.masters[p] = m
+        self.optim_params = [(n, self.masters.get(p, p)) for n, p in self.params]
+        # ZeRO-1: this replica's AdamW holds the parameters (masters) it owns (all of them at dp=1).
         self.owner = [0] * len(self.params) if self.dp == 1 else data_parallel.owners(
             data_parallel.agreed_sizes([p for _, p in self.params], self.group), self.dp)
-        owned = [p for (_, p), o in zip(self.params, self.owner) if o == self.dp_rank]
+        owned = [p for (_, p), o in zip(self.optim_params, self.owner) if o == self.dp_rank]
         self.optimizer = torch.optim.AdamW(owned, lr=0.0) if owned else None  # None: a replica that owns none
         self.step = 0
 
@@ -164,8 +207,21 @@ class Trainer:
     def save_for_sampler(self, source, folder):
         return state_io.save_for_sampler(self, source, folder)
 
+    def sync_from_masters(self) -> None:
+        """The model's weights := its masters rounded to the weights' dtype."""
+        with torch.no_grad():
+            for p, m in self.masters.items():
+                p.copy_(m)
+
+    def drop_gradients(self) -> None:
+        """Every gradient (masters' included), not only those of the parameters this replica
+        steps."""
+        for _, p in self.params + self.optim_params:
+            p.grad = None
+
     def describe(self) -> dict:
-        return {"step": self.step, "trainable_parameters": sum(p.numel() for _, p in self.params),
+        return {"step": self.step, "master_weights": bool(self.masters),
+                "trainable_parameters": sum(p.numel() for _, p in self.params),
                 "parameters": sum(p.numel() for p in self.model.parameters()), "lora": self.lora,
                 "scoring": self.value_head is not None,
                 "target_modules": list(self.model.lora_config.target_modules) if self.lora else None}
@@ -202,7 +258,7 @@ class Trainer:
         do): weights, optimizer state and step counter stay, the gradient is dropped, and
         ``skipped_nonfinite_grad:sum`` says so."""
         check_hyperparameters(lr, beta1, beta2, eps, weight_decay, grad_clip_norm)
-        params = [p for _, p in self.params]
+        params = [p for _, p in self.optim_params]
         if self.dp_group is not None:  # the whole batch's gradient (losses are sums over tokens)
             data_parallel.sum_gradients(params, self.dp_group)
         norm = self._grad_norm(params)
@@ -215,11 +271,11 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
                 self.optimizer.step()
-            if self.dp_group is not None:  # each owner's new values to the other replicas
+            if self.dp_group is not None:  # each owner's new values (masters) to the other replicas
                 data_parallel.broadcast_owned(params, self.owner, self.dp_group)
+            self.sync_from_masters()
             self.step += 1
-        for p in params:  # every gradient, not only those of the parameters this replica steps
-            p.grad = None
+        self.drop_gradients()
         return {"grad_norm": value, "skipped_nonfinite_grad:sum": 0.0 if finite else 1.0,
                 "step": float(self.step)}
 
