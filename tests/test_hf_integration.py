@@ -6,6 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The tests call gradient_checkpointing_* / TrainingArguments(gradient_checkpointing=...), the
+# names transformers 4.57 and 5 both take (the engine supports both); 5 deprecates them.
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing.*` is deprecated:FutureWarning")
+
 transformers = pytest.importorskip("transformers")
 
 from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling,  # noqa: E402

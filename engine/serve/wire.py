@@ -78,7 +78,8 @@ def tensor_from_proto(msg, *, where: str) -> torch.Tensor:
             raise ValueError(f"{where}: sparse CSR tensor of shape {shape} with {len(crow)} row pointers and "
                              f"{len(col)} columns for {len(values)} values is inconsistent")
         return torch.sparse_csr_tensor(torch.from_numpy(crow.copy()), torch.from_numpy(col.copy()),
-                                       torch.from_numpy(values.copy()), size=shape).to_dense()
+                                       torch.from_numpy(values.copy()), size=shape,
+                                       check_invariants=True).to_dense()  # indices come from the network
     array = np.frombuffer(msg.dense, dtype=dtype).copy()
     if not shape and array.size == 1:  # a number for the whole datum (e.g. a clip threshold)
         return torch.from_numpy(array.reshape(()))
