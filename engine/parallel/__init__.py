@@ -21,7 +21,8 @@ under torchrun): the world forms a ``(dp, tp)`` DeviceMesh (``mesh.py``); the mo
 over ``mesh["tp"]``'s group and replicated over ``mesh["dp"]``'s. Each replica trains on
 its token-balanced share of every batch; gradients are summed over dp once per optimizer
 step, and the optimizer state is sharded over dp (ZeRO-1: each parameter's AdamW moments
-live on one owner replica, which steps it and broadcasts it; engine/train/data_parallel.py).
+live on one owner replica, which steps it and broadcasts it, the fp32 master of a bf16
+parameter under master weights, which every replica then rounds alike; engine/train/data_parallel.py).
 Keep tp inside a machine (NVLink) and dp across machines.
 
 Why ZeRO-1 and not FSDP2 (``fully_shard`` on ``mesh["dp"]``): FSDP2's forward and backward
