@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from engine.models import add_lora, load_config, load_model, load_tokenizer, share_weights
-from engine.parallel import check_tp
+from engine.parallel import LAUNCHERS, check_tp
 from engine.train.memory import check_training_memory
 from engine.train.remote import RemoteTrainer
 from engine.train.trainer import Trainer, enable_activation_checkpointing
@@ -60,6 +60,7 @@ class ModelBuilder:
             raise FileNotFoundError(f"model {self._name!r}: {str(self._path)!r} is not a checkpoint folder "
                                     f"with a config.json")
         self._tp = 1
+        self._dp = 1
         self._adapter: dict | None = None
         self._scoring = False
         self._dtype: torch.dtype | None = None
@@ -77,6 +78,12 @@ class ModelBuilder:
     def tp(self, n: int) -> "ModelBuilder":
         """Tensor-parallel degree (one process per rank)."""
         return self._with(tp=n)
+
+    def dp(self, n: int) -> "ModelBuilder":
+        """Data-parallel degree: ``n`` replicas of the (tp-way) model, ``n · tp`` processes;
+        each batch is split over the replicas by tokens, gradients summed, the optimizer
+        state sharded over them (engine/train/data_parallel.py)."""
+        return self._with(dp=n)
 
     def with_adapter(self, rank: int = 16, alpha: float | None = None, target_modules=None,
                      dropout: float = 0.0, seed: int = 0) -> "ModelBuilder":
@@ -142,10 +149,13 @@ class ModelBuilder:
             raise ValueError(f"max_batch_size must be a positive int (tokens per micro-batch), got {max_batch_size!r}")
         if isinstance(self._tp, bool) or not isinstance(self._tp, int) or self._tp < 1:
             raise ValueError(f"tp must be a positive int, got {self._tp!r}")
+        if isinstance(self._dp, bool) or not isinstance(self._dp, int) or self._dp < 1:
+            raise ValueError(f"dp must be a positive int, got {self._dp!r}")
         if self._tp > 1:
             check_tp(load_config(self._path), self._tp)
-        if self._tp > 1 and self._shared is not None:
-            raise ValueError(f"shared_base() shares weights within one process; tp must be 1, got {self._tp}")
+        if (self._tp > 1 or self._dp > 1) and self._shared is not None:
+            raise ValueError(f"shared_base() shares weights within one process; tp must be 1 and dp 1, "
+                             f"got tp={self._tp}, dp={self._dp}")
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} but no CUDA GPU is available")
@@ -171,14 +181,20 @@ class ModelBuilder:
         load_config(self._path)  # an unsupported model_type fails here, before any weights load
         return dtype, device
 
-    def spawn_train(self, max_batch_size: int, *, checkpoint_dir: str | Path = "checkpoints") -> TrainingModel:
+    def spawn_train(self, max_batch_size: int, *, checkpoint_dir: str | Path = "checkpoints",
+                    launcher: str | None = None) -> TrainingModel:
         """Load the model for training. ``max_batch_size``: tokens per micro-batch (data are
         packed into micro-batches by first-fit-decreasing; the gradient is that of the whole
         batch). On CUDA the optimizer state is allocated and one forward/backward of
-        ``max_batch_size`` tokens runs here, so a batch that cannot fit fails now, with
-        ``torch.cuda.OutOfMemoryError`` giving the largest max_batch_size that fits
-        (engine/train/memory.py). ``checkpoint_dir``: where ``save_state(name)`` writes a bare name (engine/api/training.py,
-        "Checkpoint names")."""
+        ``max_batch_size`` tokens runs here (on every rank), so a batch that cannot fit fails
+        now, with ``torch.cuda.OutOfMemoryError`` giving the largest max_batch_size that fits
+        (engine/train/memory.py). ``checkpoint_dir``: where ``save_state(name)`` writes a bare
+        name (engine/api/training.py, "Checkpoint names"). ``launcher``: where the ranks of a
+        tp/dp model run: ``"local"`` (processes of this machine), ``"ray"`` (Ray actors in a
+        placement group, any node of the cluster; also at tp = dp = 1), or None: Ray when
+        ``ray.init`` was called in this process, else local (engine/parallel/ray_workers.py)."""
+        if launcher is not None and launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS} or None, got {launcher!r}")
         dtype, device = self._check(max_batch_size)
         adapter = None
         if self._shared is not None and self._adapter is None:
@@ -187,11 +203,11 @@ class ModelBuilder:
         if self._adapter is not None:
             a = self._adapter
             adapter = dict(a, targets=a["targets"] or ("qkv", "o", "gate_up", "down"))
-        if self._tp > 1:  # one process per rank (engine/train/remote.py)
+        if self._tp > 1 or self._dp > 1 or launcher == "ray":  # one process per rank (engine/train/remote.py)
             trainer = RemoteTrainer(self._tp, self._path, dtype=dtype, adapter=adapter, scoring=self._scoring,
                                     activation_checkpointing=self._activation_checkpointing,
                                     max_batch_size=max_batch_size, vocab=load_config(self._path).vocab_size,
-                                    master_weights=self._master_weights)
+                                    master_weights=self._master_weights, dp=self._dp, launcher=launcher)
             described = trainer.info
         else:
             model = self._load(dtype, device)
@@ -205,7 +221,7 @@ class ModelBuilder:
             check_training_memory(trainer)
             described = trainer.describe()
         info = {"model": self._name, "path": str(self._path), "model_type": load_config(self._path).model_type,
-                "tp": self._tp, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+                "tp": self._tp, "dp": self._dp, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
                 "max_batch_size": max_batch_size, "scoring_model": self._scoring,
                 "lora": None if adapter is None else {"rank": adapter["rank"], "alpha": adapter["alpha"],
                                                       "target_modules": described["target_modules"]},
@@ -222,6 +238,9 @@ class ModelBuilder:
         CUDA the KV cache takes ``gpu_memory_fraction`` (default 0.9) of the memory free once
         the weights are loaded, unless ``kv_cache_tokens`` sizes it."""
         dtype, device = self._check(max_batch_size)
+        if self._dp > 1:
+            raise ValueError(f"dp={self._dp} is for training (replicas that split each batch); an inference "
+                             "model serves at tp ranks: drop .dp()")
         if self._adapter is not None or self._scoring:
             raise ValueError("with_adapter / into_scoring_model are for training; name an adapter per request "
                              "(sample(..., adapter=path)) or use create_sampling_client")

@@ -265,7 +265,7 @@ class TrainingModel:
             if self._trainer.lora:  # the adapter copied; the base weights are the shared engine's
                 self._export(folder)
                 return SamplingClient(self._shared(kwargs), adapter=str(folder), cleanup=remove_folder(folder))
-            if self._info["tp"] == 1:  # a copy of the model, in memory
+            if getattr(self._trainer, "model", None) is not None:  # in this process: a copy of the model
                 model = copy.deepcopy(self._trainer.model).requires_grad_(False).eval()
                 engine, folder = self._engine(model, kwargs), None
             else:  # every rank's shard, gathered into a folder and loaded by a pool of its own
@@ -331,7 +331,8 @@ class TrainingModel:
             max_batch_size=info["max_batch_size"], path=info["path"], model_type=info["model_type"],
             scoring_model=info["scoring_model"], lora=lora, parameters=info["parameters"],
             trainable_parameters=info["trainable_parameters"],
-            activation_checkpointing=info["activation_checkpointing"], master_weights=info["master_weights"])
+            activation_checkpointing=info["activation_checkpointing"], dp=info["dp"],
+            master_weights=info["master_weights"])
 
     async def get_info_async(self) -> GetInfoResponse:
         return self.get_info()

@@ -310,7 +310,7 @@ class GetServerCapabilitiesResponse:
 class GetInfoResponse:
     """``TrainingModel.get_info()``: Tinker's fields (``model_id``, ``model_data``,
     ``is_lora``, ``lora_rank``, ``model_name``), then this engine's: the optimizer ``step``,
-    ``tp``, ``dtype``, ``device``, ``max_batch_size``, the checkpoint ``path`` and
+    ``tp``, ``dp``, ``dtype``, ``device``, ``max_batch_size``, the checkpoint ``path`` and
     ``model_type``, ``scoring_model``, ``lora`` (rank, alpha, target_modules) or None,
     parameter counts, ``activation_checkpointing`` and ``master_weights`` (fp32 masters of
     bf16/fp16 trained weights)."""
@@ -334,3 +334,4 @@ class GetInfoResponse:
     activation_checkpointing: bool
     master_weights: bool = False
     type: str = "get_info"
+    dp: int = 1

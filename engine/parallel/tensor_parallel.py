@@ -38,7 +38,7 @@ from ..models import build_model, load_config
 from ..models.checkpoint import WeightEntry, load_weights, weight_map
 from ..models.config import ConfigError, ModelConfig
 from ..models.transformer import Transformer
-from .modules import COLUMN, ROW, gather, parallelize, tp_group
+from .modules import COLUMN, ROW, ParallelLinear, gather, parallelize, tp_group
 
 PARTIAL_GRAD = ("attn.q_norm.weight", "attn.k_norm.weight")
 
@@ -170,3 +170,58 @@ def shard_tensor(config: ModelConfig, group, name: str, full: torch.Tensor) -> t
         src = full.narrow(0, w.row_offset, w.rows) if w.rows is not None else full
         pieces.append(src.narrow(e.shard[0], e.shard[1], e.shard[2]) if e.shard is not None else src)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _lora_module(model, name: str):
+    """The ParallelLinear whose ``lora_a`` / ``lora_b`` is parameter ``name``, else None."""
+    module_name, _, leaf = name.rpartition(".")
+    if leaf not in ("lora_a", "lora_b"):
+        return None
+    module = model.get_submodule(module_name)
+    return module if isinstance(module, ParallelLinear) else None
+
+
+@torch.no_grad()
+def unshard_param(model: Transformer, name: str, local: torch.Tensor) -> torch.Tensor:
+    """The unsharded value of parameter ``name`` (or of a tensor shaped like it: its
+    gradient, an optimizer moment) from every rank's ``local`` part; a collective of
+    ``tp_group(model)`` for a sharded parameter (every rank calls it), the tensor itself for
+    a replicated one or at tp=1. The inverse of ``shard_param``."""
+    group = tp_group(model)
+    if group is None:
+        return local
+    lora = _lora_module(model, name)
+    if lora is not None:  # the sharded factor is gathered, the replicated one is whole already
+        if name.endswith(lora.replicated_factor):
+            return local
+        is_a = name.endswith("lora_a")
+        return lora.full_factors(*((local, lora.lora_b) if is_a else (lora.lora_a, local)))[0 if is_a else 1]
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    parts = sorted((e for e in shard_entries(model.config, tp, rank) if e.param == name), key=lambda e: e.row_offset)
+    if not parts or all(e.shard is None for e in parts):
+        return local  # replicated (norms, a value head)
+    pieces = []
+    for e in parts:
+        t = local.narrow(0, e.row_offset, e.rows) if e.rows is not None else local
+        sizes = [vocab_slice(e.shard[3], tp, r)[1] for r in range(tp)] if name in ("embed.weight", "lm_head.weight") \
+            else [e.shard[2]] * tp
+        pieces.append(gather(t, e.shard[0], group, sizes))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def shard_param(model: Transformer, name: str, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of parameter ``name`` (or of a tensor shaped like it) given its
+    unsharded value; no collective."""
+    group = tp_group(model)
+    if group is None:
+        return full
+    lora = _lora_module(model, name)
+    if lora is not None:
+        if name.endswith(lora.replicated_factor):
+            return full
+        is_a = name.endswith("lora_a")
+        return lora.local_factors(*((full, lora.lora_b) if is_a else (lora.lora_a, full)))[0 if is_a else 1]
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if not any(e.param == name and e.shard is not None for e in shard_entries(model.config, tp, rank)):
+        return full
+    return shard_tensor(model.config, group, name, full)

@@ -1,15 +1,16 @@
-"""One worker process per tensor-parallel rank, driven from the caller's process.
+"""One worker process per rank, driven from the caller's process.
 
-``WorkerPool(tp, setup, *args)`` starts ``tp`` processes (``python -m`` entries fed over a
-socket, launch.py: the caller's script is never re-imported, so it needs no
-``if __name__ == "__main__":`` guard), each of which joins a torch.distributed group (NCCL
-on GPUs, gloo on CPUs, collectives with a timeout) and runs ``state = setup(ctx, *args)``.
-``pool.run(fn, *args)`` then runs ``fn(state, *args)`` on every rank and returns the
-results in rank order. ``fn`` and
-``setup`` must be picklable (module-level functions of an importable module).
+``WorkerPool(tp, setup, *args, dp=1)`` starts ``dp · tp`` processes (``python -m`` entries
+fed over a socket, launch.py: the caller's script is never re-imported, so it needs no
+``if __name__ == "__main__":`` guard), each of which joins torch.distributed (NCCL on GPUs,
+gloo on CPUs, collectives with a timeout; with dp > 1 a ``(dp, tp)`` DeviceMesh,
+engine/parallel/mesh.py) and runs ``state = setup(ctx, *args)``. ``pool.run(fn, *args)``
+then runs ``fn(state, *args)`` on every rank and returns the results in rank order. ``fn``
+and ``setup`` must be picklable (module-level functions of an importable module).
 
 The same setup code runs unchanged under ``torchrun``: call ``init_distributed()`` in each
-rank, then ``setup(ctx, ...)`` yourself, and ``shutdown()`` last.
+rank (``init_distributed(tp=t)`` for a ``(world / t, t)`` mesh), then ``setup(ctx, ...)``
+yourself, and ``shutdown()`` last.
 
 Workers ignore SIGINT: a Ctrl-C, which a terminal sends to every process of the group,
 is the caller's to handle (it closes the pool, so the workers exit).
@@ -35,7 +36,7 @@ import time
 import traceback
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,7 @@ import torch.multiprocessing  # noqa: F401 - registers the tensor reductions (sh
 from kernels.collectives import GroupRef
 
 from .launch import WorkerProcess
+from .mesh import mesh_groups
 
 DEFAULT_TIMEOUT_S = 120.0
 ERROR_GRACE_S = 2.0  # how long the other ranks have to answer once one rank failed
@@ -67,15 +69,25 @@ class RankContext:
     world_size: int
     group_ref: GroupRef  # the torch.distributed group of the tensor-parallel ranks, held weakly
     device: torch.device
+    dp_group_ref: GroupRef = field(default_factory=lambda: GroupRef(None))  # its replicas' (dp > 1), weakly
+    dp: int = 1
+    dp_rank: int = 0
 
     @property
     def group(self):
         return self.group_ref()
 
+    @property
+    def dp_group(self):
+        """The group over which this rank's replicas sum gradients; None at dp=1."""
+        return self.dp_group_ref()
 
-def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> RankContext:
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, *, tp: int | None = None) -> RankContext:
     """Join the default process group from torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT) unless already initialised; pick this rank's device."""
+    MASTER_ADDR, MASTER_PORT) unless already initialised; pick this rank's device.
+    ``tp``: the tensor-parallel degree; the world then forms a ``(world / tp, tp)``
+    DeviceMesh (data × tensor parallelism). Default: every rank in one tp group."""
     if not dist.is_initialized():
         # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when
         # first imported (torch._dynamo imports it): imported after the group exists, it would
@@ -91,7 +103,10 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> RankContext:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    return RankContext(rank, world, GroupRef(dist.group.WORLD), device)
+    if tp is None or tp == world:
+        return RankContext(rank, world, GroupRef(dist.group.WORLD), device)
+    tp_group, dp_group = mesh_groups(device.type, tp)
+    return RankContext(rank, world, GroupRef(tp_group), device, GroupRef(dp_group), world // tp, rank // tp)
 
 
 def shutdown(*, barrier: bool = True) -> None:
@@ -136,7 +151,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, timeout_s, setup, args, conn):
+def _worker(rank, world, tp, port, timeout_s, setup, args, conn):
     # Ctrl-C in a terminal reaches the whole process group: the parent handles it and closes
     # the pool (EOF on the pipe ends ``_serve``); a worker that also raised KeyboardInterrupt
     # would print its own traceback and could leave its peers waiting in a collective.
@@ -145,16 +160,16 @@ def _worker(rank, world, port, timeout_s, setup, args, conn):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        _serve(conn, setup, args, timeout_s)
+        _serve(conn, setup, args, timeout_s, tp)
     finally:
         shutdown(barrier=False)  # a peer may be gone: no collective
 
 
-def _serve(conn, setup, args, timeout_s) -> None:
+def _serve(conn, setup, args, timeout_s, tp) -> None:
     """Run setup, then the caller's calls until it closes the pipe; the rank's state (and
     everything that reaches its process group) is dropped on return."""
     try:
-        state = setup(init_distributed(timeout_s), *args)
+        state = setup(init_distributed(timeout_s, tp=tp), *args)
         conn.send(("ok", None))
     except BaseException as e:  # noqa: BLE001 - reported to the caller, then exit
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -177,20 +192,24 @@ def _serve(conn, setup, args, timeout_s) -> None:
 
 
 class WorkerPool:
-    """``tp`` worker processes sharing one torch.distributed group."""
+    """``dp · tp`` worker processes: ``dp`` replicas of a ``tp``-way group (rank order: the
+    tp ranks of replica 0, then of replica 1, ...)."""
 
-    def __init__(self, tp: int, setup, *args, timeout_s: float = DEFAULT_TIMEOUT_S):
-        if not isinstance(tp, int) or tp < 1:
-            raise ValueError(f"tp must be a positive int, got {tp!r}")
-        if torch.cuda.is_available() and torch.cuda.device_count() < tp:
-            raise ValueError(f"tp={tp} needs {tp} GPUs, this machine has {torch.cuda.device_count()}")
-        self.tp, self.timeout_s = tp, timeout_s
+    def __init__(self, tp: int, setup, *args, dp: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S):
+        for name, n in (("tp", tp), ("dp", dp)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        world = dp * tp
+        if torch.cuda.is_available() and torch.cuda.device_count() < world:
+            raise ValueError(f"dp·tp={world} needs {world} GPUs, this machine has {torch.cuda.device_count()}")
+        self.tp, self.dp, self.world, self.timeout_s = tp, dp, world, timeout_s
         port = free_port()
         self._conns, self._procs = [], []
         self._closed_by = ""
         try:
-            for rank in range(tp):
-                proc = WorkerProcess(_worker, (rank, tp, port, timeout_s, setup, args), name=f"engine-tp-rank{rank}")
+            for rank in range(world):
+                proc = WorkerProcess(_worker, (rank, world, tp, port, timeout_s, setup, args),
+                                     name=f"engine-tp-rank{rank}")
                 self._conns.append(proc.conn)
                 self._procs.append(proc)
         except BaseException:  # setup or args do not pickle: stop the ranks already started
@@ -221,7 +240,7 @@ class WorkerPool:
         return self._collect(timeout_s or self.timeout_s)
 
     def _collect(self, timeout_s: float) -> list:
-        results, pending = [_PENDING] * self.tp, set(range(self.tp))
+        results, pending = [_PENDING] * self.world, set(range(self.world))
         failures: dict[int, tuple[str, str]] = {}  # rank -> ("died" | "raised", what)
         deadline, grace = time.monotonic() + timeout_s, None
         while pending:

@@ -11,10 +11,11 @@ LM-head loss walks the vocabulary in chunks of a fixed number of tokens' logits)
 ``peak(T) = a + b * T`` with ``a`` the fixed workspaces. Probing ``T1 < T2`` tokens gives
 ``a`` and ``b``; the largest ``T`` with ``a + b * T`` inside the budget is the answer, and
 two short probes cost less than the tries a bisection needs, each of which may end in an
-out-of-memory that fragments the allocator's cache. Under tensor parallelism the ranks run
-the probes together (they are collectives) and agree on the smallest answer, so they all
-pass or all raise alike. When ``max_batch_size`` is larger than the probes, one full
-micro-batch then runs to confirm it.
+out-of-memory that fragments the allocator's cache. Under tensor and data parallelism the
+ranks run the probes together (they are collectives; each dp replica gets a micro-batch of
+the probe's size) and agree on the smallest answer, so they all pass or all raise alike.
+When ``max_batch_size`` is larger than the probes, one full micro-batch then runs to
+confirm it.
 
 The budget is what the caching allocator holds now plus ``HEADROOM`` of the device's free
 memory (the rest is for the CUDA context's growth, NCCL's buffers and fragmentation).
@@ -37,10 +38,12 @@ def init_optimizer_state(trainer) -> None:
     """AdamW's moments, allocated now as AdamW's lazy initialisation would at its first step
     (torch.optim.adam's ``_init_group``: zeros like the parameter; ``step`` a 0-dim zero, on
     the host unless the group is fused or capturable)."""
+    if trainer.optimizer is None:  # a dp replica that owns no parameter (ZeRO-1)
+        return
     group = trainer.optimizer.param_groups[0]
     on_device = bool(group.get("fused") or group.get("capturable"))
     scalar = torch.float64 if torch.get_default_dtype() == torch.float64 and not group.get("fused") else torch.float32
-    for _, p in trainer.optim_params:
+    for p in group["params"]:  # the parameters (masters) this replica steps
         if p not in trainer.optimizer.state:
             trainer.optimizer.state[p] = {
                 "step": torch.zeros((), dtype=scalar, device=p.device if on_device else "cpu"),
@@ -69,18 +72,19 @@ def _peak(trainer, tokens: int) -> int:
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     data, loss = _dummy(trainer, tokens)
-    try:
-        trainer.run(data, loss, None, True)
+    try:  # every dp replica takes one copy's worth: the copies split alike over the replicas
+        trainer.run(data * trainer.dp, loss, None, True)
     finally:
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.drop_gradients()
     return torch.cuda.max_memory_allocated(device) - base
 
 
 def _agree_min(trainer, value: int) -> int:
-    if trainer.group is None:
-        return value
+    """The smallest ``value`` over the mesh (tp, then dp)."""
     t = torch.tensor([value], dtype=torch.int64, device=trainer.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=trainer.group)
+    for group in (trainer.group, trainer.dp_group):
+        if group is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return int(t)
 
 

@@ -3,7 +3,14 @@
 ``Trainer`` owns one model (or one tensor-parallel shard), its optional value head and its
 optimizer. It takes data already normalised by the API layer (token lists and float/int
 CPU tensors per datum) and returns plain tensors and floats, so the same code runs in the
-caller's process (tp=1) and in a WorkerPool rank.
+caller's process (tp=1) and in a WorkerPool rank. With a dp group (replicas of the
+model, engine/train/data_parallel.py) each rank runs its share of every batch, the
+gradients are summed over the replicas at ``optim_step`` and the optimizer state is
+sharded over them (ZeRO-1). With master weights, every replica keeps the fp32 masters (and
+their fp32 gradients, summed over dp) of all its parameters; the owner of a parameter steps
+its master and sends it to the other replicas, and each replica rounds the masters into the
+model alike, so masters and weights stay identical across replicas (the step costs one
+broadcast of fp32 masters; AdamW's 8 B per parameter is what ZeRO-1 divides by dp).
 
 Host syncs: one ``.tolist()`` per call at the end (metrics), none per micro-batch; one per
 ``optim_step`` (the gradient norm, which decides whether the step is taken).
@@ -39,10 +46,11 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from engine.models import PackedBatch
 from engine.parallel import tp_group
+from kernels.collectives import GroupRef
 
 from . import checkpoint as state_io
-from . import losses
-from .batching import pack_micro_batches
+from . import data_parallel, losses
+from .batching import check_groups, pack_micro_batches
 
 Data = list[tuple[list[int], dict[str, torch.Tensor]]]
 
@@ -70,8 +78,12 @@ def _to_master(master: torch.Tensor, param: torch.Tensor) -> None:
 
 class Trainer:
     def __init__(self, model, *, max_batch_size: int, scoring: bool = False, lora: bool = False,
-                 master_weights: bool = True):
+                 master_weights: bool = True, dp_group=None):
+        """``dp_group``: the group of this rank's replicas (data parallelism), held weakly."""
         self.model = model
+        self.dp_group_ref = GroupRef(dp_group)
+        self.dp = 1 if dp_group is None else torch.distributed.get_world_size(dp_group)
+        self.dp_rank = 0 if dp_group is None else torch.distributed.get_rank(dp_group)
         self.max_batch_size = max_batch_size
         self.lora = lora
         self.device = model.embed.weight.device
@@ -94,7 +106,11 @@ class Trainer:
                     p.register_post_accumulate_grad_hook(partial(_to_master, m))
                     self.masters[p] = m
         self.optim_params = [(n, self.masters.get(p, p)) for n, p in self.params]
-        self.optimizer = torch.optim.AdamW([p for _, p in self.optim_params], lr=0.0)
+        # ZeRO-1: this replica's AdamW holds the parameters (masters) it owns (all of them at dp=1).
+        self.owner = [0] * len(self.params) if self.dp == 1 else data_parallel.owners(
+            data_parallel.agreed_sizes([p for _, p in self.params], self.group), self.dp)
+        owned = [p for (_, p), o in zip(self.optim_params, self.owner) if o == self.dp_rank]
+        self.optimizer = torch.optim.AdamW(owned, lr=0.0) if owned else None  # None: a replica that owns none
         self.step = 0
 
     def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -139,6 +155,18 @@ class Trainer:
         return self._run(data, spec, fn, backward)
 
     def _run(self, data: Data, spec, fn, backward: bool):
+        """This rank's share of ``data`` (all of it at dp=1); every replica returns the
+        outputs and metrics of the whole batch."""
+        if self.dp_group is None:
+            return self._run_share(data, spec, fn, backward)
+        group = spec.group if spec else 1
+        check_groups(len(data), group)  # alike on every rank, before any collective
+        mine = data_parallel.split_over_ranks([len(s) for s, _ in data], self.dp, self.max_batch_size,
+                                              group)[self.dp_rank]
+        outputs, metrics = self._run_share([data[i] for i in mine], spec, fn, backward)
+        return data_parallel.merge_outputs(self.dp_group, len(data), mine, outputs, metrics)
+
+    def _run_share(self, data: Data, spec, fn, backward: bool):
         self.model.train(backward)
         bins, dropped = pack_micro_batches([len(s) for s, _ in data], self.max_batch_size, spec.group if spec else 1)
         outputs: list = [None] * len(data)
@@ -185,6 +213,12 @@ class Trainer:
             for p, m in self.masters.items():
                 p.copy_(m)
 
+    def drop_gradients(self) -> None:
+        """Every gradient (masters' included), not only those of the parameters this replica
+        steps."""
+        for _, p in self.params + self.optim_params:
+            p.grad = None
+
     def describe(self) -> dict:
         return {"step": self.step, "master_weights": bool(self.masters),
                 "trainable_parameters": sum(p.numel() for _, p in self.params),
@@ -196,6 +230,11 @@ class Trainer:
     def group(self):
         """The tensor-parallel process group (None at tp=1); the model holds it weakly."""
         return tp_group(self.model)
+
+    @property
+    def dp_group(self):
+        """The data-parallel process group of this rank's replicas (None at dp=1)."""
+        return self.dp_group_ref()
 
     # -- optimizer --------------------------------------------------------------------------
     def _grad_norm(self, params) -> torch.Tensor:
@@ -220,18 +259,23 @@ class Trainer:
         ``skipped_nonfinite_grad:sum`` says so."""
         check_hyperparameters(lr, beta1, beta2, eps, weight_decay, grad_clip_norm)
         params = [p for _, p in self.optim_params]
+        if self.dp_group is not None:  # the whole batch's gradient (losses are sums over tokens)
+            data_parallel.sum_gradients(params, self.dp_group)
         norm = self._grad_norm(params)
         value = float(norm)  # the step's one host sync
         finite = math.isfinite(value)
         if finite:
             if grad_clip_norm > 0:  # clip_grad_norm_'s coefficient, with the global norm at any tp
                 torch.nn.utils.clip_grads_with_norm_(params, grad_clip_norm, norm)
-            for g in self.optimizer.param_groups:
-                g.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-            self.optimizer.step()
+            if self.optimizer is not None:
+                for g in self.optimizer.param_groups:
+                    g.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+                self.optimizer.step()
+            if self.dp_group is not None:  # each owner's new values (masters) to the other replicas
+                data_parallel.broadcast_owned(params, self.owner, self.dp_group)
             self.sync_from_masters()
             self.step += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        self.drop_gradients()
         return {"grad_norm": value, "skipped_nonfinite_grad:sum": 0.0 if finite else 1.0,
                 "step": float(self.step)}
 
