@@ -7,7 +7,9 @@ each Tinker shape those loops and their helpers rely on. The loops run on ``engi
 and, when the ``tinker`` SDK is installed, on ``tinker.types`` (only the clients are ours)."""
 import asyncio
 import concurrent.futures
+import difflib
 import gc
+import hashlib
 import json
 import math
 import re
@@ -202,9 +204,12 @@ def test_sl_loop_ports_and_resumes(ckpt, tmp_path, types, new_service_client):
 
 # -- rl_loop.py ------------------------------------------------------------------------------------
 def get_reward(response: str, answer: str) -> float:
-    """A dense reward (text as long as the answer; most ids of the random model's vocabulary
-    decode to nothing) so that the samples of a random model differ within a group."""
-    return min(len(response), len(answer)) / len(answer)
+    """How much of the answer the response holds, plus a tie-breaker under 1e-3 that differs
+    whenever two responses' texts differ. The loop's logic is under test, not learning: a
+    group whose rewards all tie is skipped, and with rewards of the length alone both groups
+    of a batch tied now and then (unseeded sampling), leaving a batch with no step."""
+    overlap = difflib.SequenceMatcher(None, response, answer).ratio()
+    return overlap + int(hashlib.sha256(response.encode()).hexdigest()[:6], 16) / 2**24 * 1e-3
 
 
 def rl_loop(config, problems, tokenizer, types, new_service_client):
