@@ -63,15 +63,28 @@ def peft_adapters(tmp_path):
 
 @pytest.fixture
 def assert_no_children():
-    """assert_no_children() waits up to 10 s for this process to have no child process left
-    (zombies included), then asserts it: no worker outlives its pool."""
+    """assert_no_children() waits up to 10 s until no child process of this one (zombies
+    included) is left that the test started, then asserts it: no worker outlives its pool.
+    Not counted: children from before the test, and multiprocessing's resource tracker and
+    forkserver, which the process's first ``spawn`` starts and which live as long as it."""
     import psutil
 
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+
+    def service(p) -> bool:  # multiprocessing's own per-process helpers, started on first use
+        try:
+            return any(f"multiprocessing.{name}" in " ".join(p.cmdline()) for name in ("resource_tracker", "forkserver"))
+        except psutil.Error:  # gone meanwhile
+            return True
+
+    def left() -> list:
+        return [p for p in me.children(recursive=True) if p.pid not in before and not service(p)]
+
     def check():
-        me = psutil.Process()
         deadline = time.monotonic() + 10
-        while me.children(recursive=True) and time.monotonic() < deadline:
+        while left() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not me.children(recursive=True)
+        assert not left()
 
     return check

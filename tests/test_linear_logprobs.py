@@ -274,8 +274,13 @@ def test_vocab_parallel_equals_unsharded(impl):
     up = torch.randn(N, generator=torch.Generator().manual_seed(9))
     (loss + (lp * up).sum() + lse.sum() + ent.sum()).backward()
     r0, r1 = result[0], result[1]
-    for key, ref in (("lp", lp), ("lse", lse), ("ent", ent), ("loss", loss), ("gx", x.grad)):
+    for key, ref in (("lp", lp), ("lse", lse), ("ent", ent), ("loss", loss)):
         for r in (r0, r1):
             torch.testing.assert_close(r[key], ref.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.cat([r0["gw"], r1["gw"]]), w.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.cat([r0["gb"], r1["gb"]]), b.grad, rtol=1e-5, atol=1e-6)
+    # Gradients: float32 sums over 3001 vocabulary entries, in another order on each side (two
+    # shards, and BLAS's threading varies with the machine's load); gx missed rtol 1e-5 /
+    # atol 1e-6 by 1.5e-5 about once in 13 runs. The bound of the float64 gradient checks above.
+    for r in (r0, r1):
+        torch.testing.assert_close(r["gx"], x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r0["gw"], r1["gw"]]), w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r0["gb"], r1["gb"]]), b.grad, rtol=1e-4, atol=1e-5)
