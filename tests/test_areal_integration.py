@@ -36,6 +36,7 @@ def areal_site() -> Path:
     return site
 
 
+@pytest.mark.timeout(2400)  # a first run downloads and installs AReaL's ~900 MB (at most 1200 s allowed)
 def test_areal_engines():
     site = areal_site()
     env = dict(os.environ, ENGINE_AREAL_SITE=str(site),
