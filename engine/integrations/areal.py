@@ -45,7 +45,6 @@ torch.distributed world), actor (not critic) models, full weights or the engine'
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +56,7 @@ from areal.utils import stats_tracker
 from areal.utils.data import concat_batch, pack_tensor_dict, pad_and_stack_tensors_along_first_dim, split_batch
 
 import kernels
+from engine.models.files import write_torch
 from engine.train.batching import pack_micro_batches
 
 from .areal_rollout import EngineInferenceEngine
@@ -348,10 +348,8 @@ class EngineTrainEngine(TrainEngine):
         if meta.tokenizer is not None:
             meta.tokenizer.save_pretrained(meta.path)
         if meta.with_optim:
-            tmp = Path(meta.path) / "optim.pt.tmp"
-            torch.save({"optimizer": self._optimizer().state_dict(),
-                        "lr_scheduler": self.lr_scheduler.state_dict()}, tmp)
-            os.replace(tmp, Path(meta.path) / "optim.pt")
+            write_torch(Path(meta.path) / "optim.pt", {"optimizer": self._optimizer().state_dict(),
+                                                       "lr_scheduler": self.lr_scheduler.state_dict()})
 
     def load(self, meta: SaveLoadMeta):
         """Read back what ``save`` wrote (weights, or the adapter under LoRA; optimizer with

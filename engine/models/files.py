@@ -52,6 +52,13 @@ def copy_file(source: Path, path: Path) -> None:
     _commit(tmp, path)
 
 
+def write_torch(path: Path, obj) -> None:
+    """``torch.save(obj)`` over ``path`` at once."""
+    tmp = temporary(path)
+    torch.save(obj, tmp)
+    _commit(tmp, path)
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """``safetensors.torch.save_file`` under a temporary folder, then renamed into place."""
     from safetensors.torch import save_file

@@ -11,9 +11,9 @@ under DIR.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from engine.models.files import write_text
 
 SCHEME = "tinker://"
 KINDS = ("weights", "sampler_weights")
@@ -73,10 +73,7 @@ class CheckpointDir:
         """``run.json``, written to a temporary name then renamed (never half-written)."""
         folder = self.run_folder(run)
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".run.json.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
-        os.replace(tmp, folder / "run.json")
+        write_text(folder / "run.json", json.dumps(info))
 
     def read_run(self, run: str) -> dict:
         path = self.run_folder(run) / "run.json"
