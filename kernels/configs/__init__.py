@@ -85,8 +85,11 @@ def _as_config(value):
 
 
 @functools.lru_cache(maxsize=16)
-def _entries(path: str) -> dict:
-    """The entries of one table file, read once per process (an absent file: no entries)."""
+def _entries(name: str, folder: str) -> dict:
+    """The entries of device ``name``'s table in ``folder`` ($ENGINE_KERNEL_CONFIGS, "" for
+    this package's), read once per process (an absent file: no entries). Keyed by the
+    name, not the path, so that a launch builds no path."""
+    path = (Path(folder) if folder else DIR) / file_name(name)
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -105,7 +108,7 @@ def lookup(kernel: str, shape_class: str, device: torch.device | str) -> object 
     name = device if isinstance(device, str) else device_name(device)
     if name is None:
         return None
-    return _entries(str(table_dir() / file_name(name))).get(kernel, {}).get(shape_class)
+    return _entries(name, os.environ.get(ENV_DIR, "")).get(kernel, {}).get(shape_class)
 
 
 def _check(kernel: str, shape_class: str, config, default):
