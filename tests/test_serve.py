@@ -55,9 +55,7 @@ class Server:
         return self.checkpoints / uri.removeprefix("tinker://")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
+def start_server(root: Path) -> Server:
     model = save_random_checkpoint(root / "tiny", "qwen3", tokenizer=True, vocab_size=259, seed=1)
     log = root / "server.log"
     with open(log, "w") as err:
@@ -66,16 +64,27 @@ def server(tmp_path_factory):
                                args=("--max-batch-size", "2048"), stderr=err, timeout=120)
         except RuntimeError as e:
             pytest.fail(f"{e}; stderr:\n{log.read_text()}")
-    yield Server(proc, url, model, root / "checkpoints", log)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    return Server(proc, url, model, root / "checkpoints", log)
+
+
+def stop(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    started = start_server(tmp_path_factory.mktemp("serve"))
+    yield started
+    stop(started)
 
 
 @pytest.fixture(scope="module")
 def service(server):
     client = tinker.ServiceClient(base_url=server.url, api_key=KEY)
     yield client
+    client.close("success").result()  # before the server stops: its heartbeats end with the session
 
 
 def text_datum(text: str) -> types.Datum:
@@ -345,22 +354,31 @@ def test_cookbook_loops(server, tmp_path, new_service_client):
     check_rl_loop(NAME, tmp_path / "rl", tokenizer, types, new_service_client, "importance_sampling")
 
 
-def test_sigterm_fails_pending_requests_and_exits(server, service):
-    tc = service.create_lora_training_client(base_model=NAME, rank=4).result()
-    parked = server.post("/api/v1/optim_step", json={"model_id": tc.get_info().model_id, "seq_id": 50,
-                                                     "adam_params": {"learning_rate": 1e-2}}).json()["request_id"]
-    answer: list[httpx.Response] = []
-    poll = threading.Thread(target=lambda: answer.append(server.post("/api/v1/retrieve_future",
-                                                                     json={"request_id": parked})))
-    poll.start()
-    poll.join(timeout=1.0)
-    assert not answer  # still parked behind seq_id 1
-    server.proc.send_signal(signal.SIGTERM)
-    poll.join(timeout=30)
-    assert answer and "shutting down (SIGTERM)" in answer[0].json()["error"]
-    assert server.proc.wait(timeout=60) == 0, server.log.read_text()
-    leftovers = [p for p in server.checkpoints.rglob("*") if p.name.startswith(".")]
-    assert not leftovers
+def test_sigterm_fails_pending_requests_and_exits(tmp_path):
+    """On a server of its own, driven over plain HTTP: an SDK client would go on sending
+    heartbeats to the stopped server from its background thread."""
+    own = start_server(tmp_path)
+    try:
+        session = own.post("/api/v1/create_session", json={}).json()["session_id"]
+        created = own.post("/api/v1/create_model", json={"session_id": session, "model_seq_id": 0, "base_model": NAME,
+                                                         "lora_config": {"rank": 4}}).json()["request_id"]
+        model_id = own.result(created).json()["model_id"]
+        parked = own.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": 50,
+                                                      "adam_params": {"learning_rate": 1e-2}}).json()["request_id"]
+        answer: list[httpx.Response] = []
+        poll = threading.Thread(target=lambda: answer.append(own.post("/api/v1/retrieve_future",
+                                                                      json={"request_id": parked})))
+        poll.start()
+        poll.join(timeout=1.0)
+        assert not answer  # still parked behind seq_id 1
+        own.proc.send_signal(signal.SIGTERM)
+        poll.join(timeout=30)
+        assert answer and "shutting down (SIGTERM)" in answer[0].json()["error"]
+        assert own.proc.wait(timeout=60) == 0, own.log.read_text()
+        leftovers = [p for p in own.checkpoints.rglob("*") if p.name.startswith(".")]
+        assert not leftovers
+    finally:
+        stop(own)
 
 
 # -- without a server ---------------------------------------------------------------------------------
