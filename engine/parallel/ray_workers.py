@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from .workers import DEFAULT_TIMEOUT_S, ERROR_GRACE_S, WorkerError, WorkerPool, free_port, init_distributed, shutdown
+from .workers import (DEFAULT_TIMEOUT_S, ERROR_GRACE_S, PoolLifecycle, WorkerError, WorkerPool, free_port,
+                      init_distributed, shutdown)
 
 LAUNCHERS = ("local", "ray")
 
@@ -71,7 +72,7 @@ class _Rank:
         shutdown(barrier=False)
 
 
-class RayWorkerPool:
+class RayWorkerPool(PoolLifecycle):
     """``dp · tp`` Ray actors, one per bundle of a placement group."""
 
     def __init__(self, tp: int, setup, *args, dp: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S):
@@ -166,13 +167,3 @@ class RayWorkerPool:
         if getattr(self, "_group", None) is not None:
             self._remove(self._group)
             self._group = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_actors", None):
-            self.close(force=True)

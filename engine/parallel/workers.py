@@ -191,7 +191,26 @@ def _serve(conn, setup, args, timeout_s, tp) -> None:
             conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-class WorkerPool:
+class PoolLifecycle:
+    """``with`` and garbage collection for a worker pool (local processes or Ray actors):
+    ``close()`` on leaving the block, ``close(force=True)`` on collection of a pool still open."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            still_open = not self.closed
+        except AttributeError:  # __init__ failed before its workers existed
+            return
+        if still_open:
+            self.close(force=True)
+
+
+class WorkerPool(PoolLifecycle):
     """``dp · tp`` worker processes: ``dp`` replicas of a ``tp``-way group (rank order: the
     tp ranks of replica 0, then of replica 1, ...)."""
 
@@ -321,16 +340,6 @@ class WorkerPool:
         for conn in self._conns:
             conn.close()
         self._conns, self._procs = [], []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_procs", None):
-            self.close(force=True)
 
 
 def _exit_text(code: int | None) -> str:
